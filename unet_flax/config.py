@@ -1,0 +1,155 @@
+"""The U-Net's shape, shared by the Flax model and the PyTorch reference.
+
+Kept free of JAX and PyTorch imports so that either side, and the checkpoint code, can read it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One residual block of the U-Net, with the attention that follows it at low resolution."""
+
+    in_channels: int
+    out_channels: int
+    attention: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """A diffusion U-Net: encoder levels, a middle (res, attention, res) and a mirrored decoder.
+
+    `attention_resolutions` are feature-map sizes, measured from `image_size`, after whose residual
+    blocks a self-attention block sits (the seed's rule: 16x16 and below). The network accepts any
+    input whose height and width divide by 2**(len(channel_mults) - 1); `image_size` only fixes
+    which levels carry attention.
+    """
+
+    in_channels: int = 3
+    out_channels: int | None = None  # None: the same as in_channels
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)
+    image_size: int = 32
+    num_heads: int = 8
+    num_groups: int = 32
+    dropout: float = 0.0
+    num_classes: int | None = None  # labels 0..num_classes-1, plus num_classes as the null label
+    context_dim: int | None = None  # width of the cross-attention context
+    dtype: str = "float32"  # computation dtype of the Flax model; parameters stay float32
+    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn'
+    remat: bool = False  # recompute each block in the backward pass to save memory
+
+    def __post_init__(self) -> None:
+        # Accept lists (from JSON or a command line) but store tuples, so the config stays hashable.
+        object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
+        object.__setattr__(
+            self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions)
+        )
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks",
+                     "image_size", "num_heads", "num_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise ValueError(f"channel_mults must be positive integers, got {self.channel_mults}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be positive or None, got {self.num_classes}")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be positive or None, got {self.context_dim}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}"
+            )
+        if self.image_size % self.downsample_factor:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by 2**(levels-1) = {self.downsample_factor}"
+            )
+        for mult in sorted(set(self.channel_mults)):
+            channels = self.base_channels * mult
+            check_divisible(channels, self.num_groups, "num_groups")
+            check_divisible(channels, self.num_heads, "num_heads")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.channel_mults)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (self.num_levels - 1)
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.base_channels
+
+    def level_has_attention(self, level: int) -> bool:
+        return self.image_size // 2**level in self.attention_resolutions
+
+    def block_plan(self) -> tuple[list[list["BlockSpec"]], list[list["BlockSpec"]]]:
+        """The residual(+attention) blocks of the encoder per level, and of the decoder per level
+        from the deepest up. Decoder blocks take the encoder's skip activations concatenated on
+        channels, the last one first; both frameworks build their networks from this one plan."""
+        channels = self.base_channels
+        skip_channels = [channels]  # conv_in's output
+        encoder = []
+        for level, mult in enumerate(self.channel_mults):
+            blocks = []
+            for _ in range(self.num_res_blocks):
+                blocks.append(BlockSpec(channels, self.base_channels * mult, self.level_has_attention(level)))
+                channels = self.base_channels * mult
+                skip_channels.append(channels)
+            encoder.append(blocks)
+            if level != self.num_levels - 1:
+                skip_channels.append(channels)  # the downsampled map
+        decoder = []
+        for level in reversed(range(self.num_levels)):
+            blocks = []
+            for _ in range(self.num_res_blocks + 1):
+                out_channels = self.base_channels * self.channel_mults[level]
+                blocks.append(BlockSpec(channels + skip_channels.pop(), out_channels,
+                                        self.level_has_attention(level)))
+                channels = out_channels
+            decoder.append(blocks)
+        return encoder, decoder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> "UNetConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields: {', '.join(unknown)}")
+        return cls(**fields)
+
+
+def check_divisible(channels: int, divisor: int, divisor_name: str) -> None:
+    """Raise the error a user can act on, before GroupNorm or a head split fails obscurely."""
+    if channels % divisor:
+        raise ValueError(f"channels ({channels}) must be divisible by {divisor_name} ({divisor})")
+
+
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+    """Frequencies of the sinusoidal timestep embedding, [cos(t*f), sin(t*f)] (the ADM order).
+
+    Computed once in float64 and rounded to float32, so the Flax model and the PyTorch reference
+    multiply t by the very same constants: recomputing exp() in float32 on each side differs by an
+    ulp, which at t ~ 1000 moves the phase by ~1e-4 and breaks 1e-5 parity.
+    """
+    half = dim // 2
+    return np.exp(-np.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)

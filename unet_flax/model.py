@@ -1,0 +1,323 @@
+"""The diffusion U-Net in Flax (linen), NHWC.
+
+Block for block the PyTorch reference in `reference.py`: same attribute names, same order, same
+math. Parameters are float32; `dtype` sets the computation dtype (bfloat16 for mixed precision).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import UNetConfig, check_divisible, timestep_frequencies
+
+Dtype = Any
+Array = jax.Array
+
+GROUP_NORM_EPSILON = 1e-5  # torch.nn.GroupNorm's default; flax's is 1e-6
+
+
+def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> nn.GroupNorm:
+    # Two-pass variance: E[x^2] - E[x]^2 loses ~1e-4 relative on large-mean activations.
+    return nn.GroupNorm(num_groups=num_groups, epsilon=GROUP_NORM_EPSILON,
+                        use_fast_variance=False, dtype=dtype, name=name)
+
+
+def conv3x3(features: int, dtype: Dtype, stride: int = 1, name: str | None = None) -> nn.Conv:
+    # Explicit (1, 1) padding: 'SAME' pads (0, 1) at stride 2, where torch's padding=1 pads (1, 1).
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+                   dtype=dtype, name=name)
+
+
+def conv1x1(features: int, dtype: Dtype, name: str | None = None) -> nn.Conv:
+    return nn.Conv(features, (1, 1), dtype=dtype, name=name)
+
+
+def timestep_embedding(t: Array, dim: int) -> Array:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, [cos, sin]."""
+    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.asarray(timestep_frequencies(dim))[None, :]
+    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    return jnp.pad(embedding, ((0, 0), (0, dim % 2)))
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm (scale/shift from t_emb) -> SiLU -> conv3x3, + skip."""
+
+    out_channels: int
+    time_emb_dim: int | None = None
+    num_groups: int = 32
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.norm1 = group_norm(self.num_groups, self.dtype)
+        self.conv1 = conv3x3(self.out_channels, self.dtype)
+        self.time_mlp = None
+        if self.time_emb_dim is not None:
+            # For scale and shift
+            self.time_mlp = nn.Sequential([nn.silu, nn.Dense(self.out_channels * 2, dtype=self.dtype)])
+        self.norm2 = group_norm(self.num_groups, self.dtype)
+        self.conv2 = conv3x3(self.out_channels, self.dtype)
+        self.activation = nn.silu
+        self.drop = nn.Dropout(self.dropout)
+        # Called, and so given parameters, only when the channel count changes (else identity).
+        self.skip_connection = conv1x1(self.out_channels, self.dtype)
+
+    def __call__(self, x: Array, t_emb: Array | None = None, train: bool = False) -> Array:
+        check_divisible(x.shape[-1], self.num_groups, "num_groups")
+        check_divisible(self.out_channels, self.num_groups, "num_groups")
+        if self.time_mlp is not None and t_emb is None and self.is_initializing():
+            # The reference always owns time_mlp's weights; create them even when called without t_emb.
+            self.time_mlp(jnp.zeros((1, self.time_emb_dim), self.dtype))
+        if self.time_mlp is not None and t_emb is not None and t_emb.shape[-1] != self.time_emb_dim:
+            raise ValueError(f"t_emb has width {t_emb.shape[-1]}, expected time_emb_dim={self.time_emb_dim}")
+
+        residual = x
+        h = self.norm1(x)
+        h = self.activation(h)
+        h = self.conv1(h)
+        if self.time_mlp is not None and t_emb is not None:
+            time_encoding = self.time_mlp(t_emb)[:, None, None, :]
+            scale, shift = jnp.split(time_encoding, 2, axis=-1)
+            h = self.norm2(h) * (1 + scale) + shift  # Modulate features
+        else:
+            h = self.norm2(h)
+        h = self.activation(h)
+        h = self.drop(h, deterministic=not train)
+        h = self.conv2(h)
+        if x.shape[-1] != self.out_channels:
+            residual = self.skip_connection(residual)
+        return h + residual
+
+
+def _split_heads(x: Array, parts: int, num_heads: int) -> tuple[Array, ...]:
+    """(B, ..., parts*C) -> `parts` arrays (B, L, heads, C/heads) with the seed's channel order.
+
+    The seed reshapes NCHW (b, c, h, w) to (b*heads, head_dim, h*w): q, k, v are consecutive
+    channel thirds and head n owns channels n*head_dim .. (n+1)*head_dim - 1 of each.
+    """
+    batch, channels = x.shape[0], x.shape[-1] // parts
+    x = x.reshape(batch, -1, parts, num_heads, channels // num_heads)
+    return tuple(x[:, :, i] for i in range(parts))
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the h*w positions: GroupNorm -> to_qkv -> attention -> to_out, + x."""
+
+    num_heads: int = 8
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"  # 'cudnn' only for bf16/fp16 on GPU
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, h, w, c = x.shape
+        check_divisible(c, self.num_groups, "num_groups")
+        check_divisible(c, self.num_heads, "num_heads")
+        residual = x
+        qkv = conv1x1(c * 3, self.dtype, name="to_qkv")(group_norm(self.num_groups, self.dtype, name="norm")(x))
+        q, k, v = _split_heads(qkv, 3, self.num_heads)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = out.reshape(b, h, w, c)
+        out = conv1x1(c, self.dtype, name="to_out")(out)
+        return out + residual  # Add residual connection
+
+
+class CrossAttentionBlock(nn.Module):
+    """Queries from the normalised image features, keys and values from a (B, L, context_dim) context."""
+
+    num_heads: int = 8
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Array, context: Array) -> Array:
+        b, h, w, c = x.shape
+        check_divisible(c, self.num_groups, "num_groups")
+        check_divisible(c, self.num_heads, "num_heads")
+        if context.ndim != 3 or context.shape[0] != b:
+            raise ValueError(f"context must have shape (batch={b}, length, context_dim), got {context.shape}")
+        residual = x
+        q = conv1x1(c, self.dtype, name="to_q")(group_norm(self.num_groups, self.dtype, name="norm")(x))
+        kv = nn.Dense(c * 2, dtype=self.dtype, name="to_kv")(context)
+        (q,) = _split_heads(q, 1, self.num_heads)
+        k, v = _split_heads(kv, 2, self.num_heads)
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = out.reshape(b, h, w, c)
+        out = conv1x1(c, self.dtype, name="to_out")(out)
+        return out + residual
+
+
+class Downsample(nn.Module):
+    """Stride-2 conv3x3, padded 1 on every side."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        return conv3x3(x.shape[-1], self.dtype, stride=2, name="conv")(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then conv3x3."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        # Repeating is exactly torch's F.interpolate(scale_factor=2, mode='nearest').
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv3x3(x.shape[-1], self.dtype, name="conv")(x)
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal embedding of the timestep, then Linear -> SiLU -> Linear."""
+
+    channels: int
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.mlp = nn.Sequential([
+            nn.Dense(self.embed_dim, dtype=self.dtype),
+            nn.silu,
+            nn.Dense(self.embed_dim, dtype=self.dtype),
+        ])
+
+    def __call__(self, t: Array) -> Array:
+        return self.mlp(timestep_embedding(t, self.channels))
+
+
+class ResAttnBlock(nn.Module):
+    """A ResidualBlock, followed at low resolution by self-attention (and cross-attention with a context)."""
+
+    out_channels: int
+    time_emb_dim: int
+    attention: bool
+    config: UNetConfig
+
+    def setup(self) -> None:
+        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+        self.resnet = ResidualBlock(self.out_channels, self.time_emb_dim, cfg.num_groups, cfg.dropout, dtype)
+        self.attn = None
+        self.cross_attn = None
+        if self.attention:
+            self.attn = AttentionBlock(cfg.num_heads, cfg.num_groups, dtype, cfg.attention_impl)
+            if cfg.context_dim is not None:
+                self.cross_attn = CrossAttentionBlock(cfg.num_heads, cfg.num_groups, dtype, cfg.attention_impl)
+
+    def __call__(self, x: Array, t_emb: Array, context: Array | None, train: bool) -> Array:
+        x = self.resnet(x, t_emb, train)
+        if self.attn is not None:
+            x = self.attn(x)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, context)
+        return x
+
+
+class UNet(nn.Module):
+    """The diffusion U-Net: (B, H, W, in_channels) noisy images and (B,) timesteps -> (B, H, W, out_channels)."""
+
+    config: UNetConfig
+
+    def setup(self) -> None:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        emb_dim = cfg.time_embed_dim
+        # Rematerialise each block in the backward pass when asked: trades compute for memory.
+        block = nn.remat(ResAttnBlock, static_argnums=(4,)) if cfg.remat else ResAttnBlock
+        encoder, decoder = cfg.block_plan()
+
+        self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim, dtype)
+        if cfg.num_classes is not None:
+            self.label_embedding = nn.Embed(cfg.num_classes + 1, emb_dim, dtype=dtype)
+        self.conv_in = conv3x3(cfg.base_channels, dtype)
+        self.down_blocks = [block(s.out_channels, emb_dim, s.attention, cfg) for level in encoder for s in level]
+        self.downsamples = [Downsample(dtype) for _ in range(cfg.num_levels - 1)]
+        mid_channels = encoder[-1][-1].out_channels
+        self.mid_block1 = block(mid_channels, emb_dim, True, cfg)
+        self.mid_block2 = block(mid_channels, emb_dim, False, cfg)
+        self.up_blocks = [block(s.out_channels, emb_dim, s.attention, cfg) for level in decoder for s in level]
+        self.upsamples = [Upsample(dtype) for _ in range(cfg.num_levels - 1)]
+        self.norm_out = group_norm(cfg.num_groups, dtype)
+        self.conv_out = conv3x3(cfg.out_channels, dtype)
+
+    def __call__(self, x: Array, t: Array, y: Array | None = None, context: Array | None = None,
+                 train: bool = False) -> Array:
+        cfg = self.config
+        t = self._check_inputs(x, t, y, context)
+
+        emb = self.time_embed(t)
+        if cfg.num_classes is not None:
+            # No label means unconditional: the extra null label, as trained for classifier-free guidance.
+            labels = jnp.full(x.shape[:1], cfg.num_classes, jnp.int32) if y is None else y
+            emb = emb + self.label_embedding(labels)
+
+        h = self.conv_in(x)
+        skips = [h]
+        down_blocks = iter(self.down_blocks)
+        for level in range(cfg.num_levels):
+            for _ in range(cfg.num_res_blocks):
+                h = next(down_blocks)(h, emb, context, train)
+                skips.append(h)
+            if level != cfg.num_levels - 1:
+                h = self.downsamples[level](h)
+                skips.append(h)
+
+        h = self.mid_block1(h, emb, context, train)
+        h = self.mid_block2(h, emb, context, train)
+
+        up_blocks = iter(self.up_blocks)
+        for i, level in enumerate(reversed(range(cfg.num_levels))):
+            for _ in range(cfg.num_res_blocks + 1):
+                h = next(up_blocks)(jnp.concatenate([h, skips.pop()], axis=-1), emb, context, train)
+            if level != 0:
+                h = self.upsamples[i](h)
+
+        h = self.conv_out(nn.silu(self.norm_out(h)))
+        return h.astype(jnp.float32)
+
+    def _check_inputs(self, x: Array, t: Array, y: Array | None, context: Array | None) -> Array:
+        """Fail at trace time, naming the bad value, on what would otherwise fail deep inside."""
+        cfg = self.config
+        if x.ndim != 4:
+            raise ValueError(f"x must be NHWC (batch, height, width, {cfg.in_channels}), got shape {x.shape}")
+        if x.shape[-1] != cfg.in_channels:
+            hint = " (it looks like NCHW: use x.transpose(0, 2, 3, 1))" if x.shape[1] == cfg.in_channels else ""
+            raise ValueError(
+                f"x has {x.shape[-1]} channels in its last axis, expected in_channels={cfg.in_channels}: "
+                f"the U-Net takes NHWC, got shape {x.shape}{hint}")
+        for axis, size in (("height", x.shape[1]), ("width", x.shape[2])):
+            if size % cfg.downsample_factor:
+                raise ValueError(f"input {axis} {size} is not divisible by 2**(levels-1) = "
+                                 f"{cfg.downsample_factor} for channel_mults={cfg.channel_mults}")
+        t = jnp.asarray(t)
+        if t.ndim == 0:
+            t = jnp.broadcast_to(t, x.shape[:1])
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {t.shape}")
+        if y is not None:
+            if cfg.num_classes is None:
+                raise ValueError("labels y were given, but the model has num_classes=None (unconditional)")
+            if jnp.shape(y) != x.shape[:1]:
+                raise ValueError(f"labels y must have shape ({x.shape[0]},), got {jnp.shape(y)}")
+            if not isinstance(y, jax.core.Tracer):  # a traced label can only be checked by its caller
+                labels = np.asarray(y)
+                bad = labels[(labels < 0) | (labels > cfg.num_classes)]
+                if bad.size:
+                    raise ValueError(f"label {bad[0]} out of range: labels are 0..{cfg.num_classes - 1}, "
+                                     f"and {cfg.num_classes} is the null label")
+        if context is not None and cfg.context_dim is None:
+            raise ValueError("context was given, but the model has context_dim=None (no cross-attention)")
+        if cfg.context_dim is not None:
+            if context is None:
+                raise ValueError(f"the model has context_dim={cfg.context_dim}: pass context of shape "
+                                 f"(batch, length, {cfg.context_dim})")
+            if context.ndim != 3 or context.shape[-1] != cfg.context_dim:
+                raise ValueError(f"context must have shape (batch, length, {cfg.context_dim}), "
+                                 f"got {context.shape}")
+        return t

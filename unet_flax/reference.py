@@ -1,0 +1,241 @@
+"""The PyTorch reference, NCHW.
+
+`ResidualBlock` and `AttentionBlock` are the user's seed code, line for line (plus `num_groups`
+and `dropout` arguments whose defaults reproduce it exactly). The rest of the U-Net is built
+around them module for module as `model.py` builds the Flax one, from the same `UNetConfig`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import UNetConfig, check_divisible, timestep_frequencies
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, time_emb_dim=None, num_groups=32, dropout=0.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(num_groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        # Optional time embedding projection
+        self.time_mlp = None
+        if time_emb_dim is not None:
+            self.time_mlp = nn.Sequential(
+                nn.SiLU(),
+                nn.Linear(time_emb_dim, out_channels * 2)  # For scale and shift
+            )
+        self.norm2 = nn.GroupNorm(num_groups, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.activation = nn.SiLU()  # Swish activation is common
+        self.dropout = nn.Dropout(dropout)
+        # Skip connection matching
+        if in_channels != out_channels:
+            self.skip_connection = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        else:
+            self.skip_connection = nn.Identity()
+
+    def forward(self, x, t_emb=None):
+        residual = x
+        h = self.norm1(x)
+        h = self.activation(h)
+        h = self.conv1(h)
+        if self.time_mlp is not None and t_emb is not None:
+            time_encoding = self.time_mlp(t_emb)
+            time_encoding = time_encoding.view(h.shape[0], h.shape[1] * 2, 1, 1)
+            scale, shift = torch.chunk(time_encoding, 2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift  # Modulate features
+        else:
+            h = self.norm2(h)  # Apply norm if no time embedding modulation
+        h = self.activation(h)
+        h = self.dropout(h)
+        h = self.conv2(h)
+        return h + self.skip_connection(residual)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, channels, num_heads=8, num_groups=32):
+        super().__init__()
+        check_divisible(channels, num_heads, "num_heads")
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        self.scale = 1 / math.sqrt(self.head_dim)
+        self.norm = nn.GroupNorm(num_groups, channels)
+        # Query, Key, Value projections
+        self.to_qkv = nn.Conv2d(channels, channels * 3, kernel_size=1)
+        # Output projection
+        self.to_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        residual = x
+        qkv = self.to_qkv(self.norm(x))
+        # (b, c, h, w) -> (b*num_heads, head_dim, h*w)
+        q, k, v = qkv.chunk(3, dim=1)
+        q = q.reshape(b * self.num_heads, self.head_dim, h * w)
+        k = k.reshape(b * self.num_heads, self.head_dim, h * w)
+        v = v.reshape(b * self.num_heads, self.head_dim, h * w)
+        # (b*num_heads, h*w, head_dim) @ (b*num_heads, head_dim, h*w) -> (b*num_heads, h*w, h*w)
+        attention_scores = torch.bmm(q.transpose(1, 2), k) * self.scale
+        attention_probs = F.softmax(attention_scores, dim=-1)
+        # (b*num_heads, h*w, h*w) @ (b*num_heads, h*w, head_dim) -> (b*num_heads, h*w, head_dim)
+        out = torch.bmm(attention_probs, v.transpose(1, 2))
+        # (b*num_heads, h*w, head_dim) -> (b, c, h, w)
+        out = out.transpose(1, 2).reshape(b, c, h, w)
+        out = self.to_out(out)
+        return out + residual  # Add residual connection
+
+
+class CrossAttentionBlock(nn.Module):
+    """AttentionBlock with keys and values from a (B, L, context_dim) context instead of the image."""
+
+    def __init__(self, channels, context_dim, num_heads=8, num_groups=32):
+        super().__init__()
+        check_divisible(channels, num_heads, "num_heads")
+        self.num_heads = num_heads
+        self.head_dim = channels // num_heads
+        self.scale = 1 / math.sqrt(self.head_dim)
+        self.norm = nn.GroupNorm(num_groups, channels)
+        self.to_q = nn.Conv2d(channels, channels, kernel_size=1)
+        self.to_kv = nn.Linear(context_dim, channels * 2)
+        self.to_out = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        length = context.shape[1]
+        residual = x
+        q = self.to_q(self.norm(x)).reshape(b * self.num_heads, self.head_dim, h * w)
+        # (b, L, c) -> (b, c, L) -> (b*num_heads, head_dim, L): the same head split as the queries
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        k = k.transpose(1, 2).reshape(b * self.num_heads, self.head_dim, length)
+        v = v.transpose(1, 2).reshape(b * self.num_heads, self.head_dim, length)
+        attention_scores = torch.bmm(q.transpose(1, 2), k) * self.scale
+        attention_probs = F.softmax(attention_scores, dim=-1)
+        out = torch.bmm(attention_probs, v.transpose(1, 2))
+        out = out.transpose(1, 2).reshape(b, c, h, w)
+        out = self.to_out(out)
+        return out + residual
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def timestep_embedding(t, dim):
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, [cos, sin]."""
+    freqs = torch.from_numpy(timestep_frequencies(dim)).to(t.device)
+    args = t.float()[:, None] * freqs[None, :]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(embedding, (0, dim % 2))
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, channels, embed_dim):
+        super().__init__()
+        self.channels = channels
+        self.mlp = nn.Sequential(nn.Linear(channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.channels))
+
+
+class ResAttnBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, time_emb_dim, attention, config: UNetConfig):
+        super().__init__()
+        self.resnet = ResidualBlock(in_channels, out_channels, time_emb_dim, config.num_groups, config.dropout)
+        self.attn = None
+        self.cross_attn = None
+        if attention:
+            self.attn = AttentionBlock(out_channels, config.num_heads, config.num_groups)
+            if config.context_dim is not None:
+                self.cross_attn = CrossAttentionBlock(out_channels, config.context_dim, config.num_heads,
+                                                      config.num_groups)
+
+    def forward(self, x, t_emb, context=None):
+        x = self.resnet(x, t_emb)
+        if self.attn is not None:
+            x = self.attn(x)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, context)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        emb_dim = cfg.time_embed_dim
+        encoder, decoder = cfg.block_plan()
+
+        self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim)
+        if cfg.num_classes is not None:
+            self.label_embedding = nn.Embedding(cfg.num_classes + 1, emb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            ResAttnBlock(s.in_channels, s.out_channels, emb_dim, s.attention, cfg) for level in encoder for s in level)
+        self.downsamples = nn.ModuleList(
+            Downsample(level[-1].out_channels) for level in encoder[:-1])
+        mid_channels = encoder[-1][-1].out_channels
+        self.mid_block1 = ResAttnBlock(mid_channels, mid_channels, emb_dim, True, cfg)
+        self.mid_block2 = ResAttnBlock(mid_channels, mid_channels, emb_dim, False, cfg)
+        self.up_blocks = nn.ModuleList(
+            ResAttnBlock(s.in_channels, s.out_channels, emb_dim, s.attention, cfg) for level in decoder for s in level)
+        self.upsamples = nn.ModuleList(Upsample(level[-1].out_channels) for level in decoder[:-1])
+        self.norm_out = nn.GroupNorm(cfg.num_groups, cfg.base_channels * cfg.channel_mults[0])
+        self.conv_out = nn.Conv2d(cfg.base_channels * cfg.channel_mults[0], cfg.out_channels, kernel_size=3,
+                                  padding=1)
+
+    def forward(self, x, t, y=None, context=None):
+        cfg = self.config
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(t)
+        if cfg.num_classes is not None:
+            labels = torch.full((x.shape[0],), cfg.num_classes, device=x.device) if y is None else y
+            emb = emb + self.label_embedding(labels)
+
+        h = self.conv_in(x)
+        skips = [h]
+        down_blocks = iter(self.down_blocks)
+        for level in range(cfg.num_levels):
+            for _ in range(cfg.num_res_blocks):
+                h = next(down_blocks)(h, emb, context)
+                skips.append(h)
+            if level != cfg.num_levels - 1:
+                h = self.downsamples[level](h)
+                skips.append(h)
+
+        h = self.mid_block1(h, emb, context)
+        h = self.mid_block2(h, emb, context)
+
+        up_blocks = iter(self.up_blocks)
+        for i, level in enumerate(reversed(range(cfg.num_levels))):
+            for _ in range(cfg.num_res_blocks + 1):
+                h = next(up_blocks)(torch.cat([h, skips.pop()], dim=1), emb, context)
+            if level != 0:
+                h = self.upsamples[i](h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def load_numpy_state_dict(module: nn.Module, arrays) -> nn.Module:
+    """Load `convert.flax_to_torch`'s numpy arrays into `module`, strictly (every key, every shape)."""
+    module.load_state_dict({key: torch.from_numpy(value) for key, value in arrays.items()}, strict=True)
+    return module
