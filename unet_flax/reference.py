@@ -237,5 +237,5 @@ class UNet(nn.Module):
 
 def load_numpy_state_dict(module: nn.Module, arrays) -> nn.Module:
     """Load `convert.flax_to_torch`'s numpy arrays into `module`, strictly (every key, every shape)."""
-    module.load_state_dict({key: torch.from_numpy(value) for key, value in arrays.items()}, strict=True)
+    module.load_state_dict({key: torch.tensor(value) for key, value in arrays.items()}, strict=True)
     return module

@@ -1,0 +1,47 @@
+"""Helpers for comparing the Flax modules with the PyTorch reference."""
+import jax
+import numpy as np
+import torch
+
+from unet_flax.convert import torch_to_flax
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-default weights, so a transposed kernel, a swapped axis or an ignored bias cannot hide:
+    normal(0, 0.2) everywhere, GroupNorm scales 1 + normal(0, 0.2)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, param in sub.named_parameters(recurse=False):
+                noise = torch.randn(param.shape, generator=generator) * 0.2
+                offset = 1.0 if isinstance(sub, torch.nn.GroupNorm) and name == "weight" else 0.0
+                param.copy_(offset + noise)
+    return module
+
+
+def flax_params(torch_module: torch.nn.Module, flax_module, *example_args) -> dict:
+    """The torch module's weights as Flax params, checked key by key against the Flax module's own."""
+    target = jax.eval_shape(flax_module.init, jax.random.key(0), *example_args)
+    return torch_to_flax(torch_module.state_dict(), target)
+
+
+def to_nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def to_nchw(x) -> np.ndarray:
+    return np.asarray(x).transpose(0, 3, 1, 2)
+
+
+def rel_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    # An all-zero reference (an unused parameter's gradient) makes this the absolute error.
+    scale = max(float(np.abs(expected).max()), np.finfo(np.float32).tiny)
+    return float(np.abs(actual - expected).max() / scale)
+
+
+def torch_grads_as_flax(torch_module: torch.nn.Module) -> dict:
+    # torch leaves .grad None on a parameter the forward did not use; its gradient is zero.
+    return torch_to_flax({name: torch.zeros_like(p) if p.grad is None else p.grad
+                          for name, p in torch_module.named_parameters()})

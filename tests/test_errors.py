@@ -1,0 +1,108 @@
+"""Bad configurations and inputs fail at init or trace time with a ValueError naming the value."""
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import unet_flax as uf
+from unet_flax import UNet, UNetConfig
+
+SMALL = dict(in_channels=3, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1,
+             attention_resolutions=(4,), image_size=16, num_heads=2, num_groups=4)
+
+
+def trace(model, *args):
+    """Initialise abstractly: the errors must come from tracing, before any computation."""
+    return jax.eval_shape(model.init, jax.random.key(0), *args)
+
+
+def images(height=16, width=16, channels=3):
+    return jnp.zeros((2, height, width, channels))
+
+
+T = jnp.zeros(2)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(base_channels=12, num_groups=8), r"channels \(12\) must be divisible by num_groups \(8\)"),
+    (dict(base_channels=4, num_groups=8, channel_mults=(2, 3)), r"channels \(12\) must be divisible by num_groups \(8\)"),
+    (dict(base_channels=16, num_heads=3), r"channels \(16\) must be divisible by num_heads \(3\)"),
+    (dict(image_size=18), r"image_size 18 is not divisible by 2\*\*\(levels-1\) = 4"),
+    (dict(dtype="float64"), r"dtype must be one of .* got 'float64'"),
+    (dict(attention_impl="flash"), r"attention_impl must be one of .* got 'flash'"),
+    (dict(num_res_blocks=0), r"num_res_blocks must be a positive integer, got 0"),
+])
+def test_bad_config(fields, message):
+    with pytest.raises(ValueError, match=message):
+        UNetConfig(**{**SMALL, **fields})
+
+
+def test_block_channels_not_divisible_by_groups():
+    with pytest.raises(ValueError, match=r"channels \(12\) must be divisible by num_groups \(8\)"):
+        trace(uf.ResidualBlock(16, num_groups=8), images(channels=12))
+    with pytest.raises(ValueError, match=r"channels \(10\) must be divisible by num_groups \(4\)"):
+        trace(uf.ResidualBlock(10, num_groups=4), images(channels=12))
+
+
+def test_block_channels_not_divisible_by_heads():
+    with pytest.raises(ValueError, match=r"channels \(12\) must be divisible by num_heads \(5\)"):
+        trace(uf.AttentionBlock(num_heads=5, num_groups=4), images(channels=12))
+    with pytest.raises(ValueError, match=r"channels \(12\) must be divisible by num_heads \(8\)"):
+        trace(uf.CrossAttentionBlock(num_heads=8, num_groups=4), images(channels=12), jnp.zeros((2, 3, 4)))
+
+
+def test_t_emb_of_the_wrong_width():
+    with pytest.raises(ValueError, match=r"t_emb has width 7, expected time_emb_dim=5"):
+        trace(uf.ResidualBlock(8, 5, num_groups=4), images(channels=8), jnp.zeros((2, 7)))
+
+
+@pytest.mark.parametrize("height,width,bad", [(16, 14, "width 14"), (10, 16, "height 10")])
+def test_spatial_size_not_divisible(height, width, bad):
+    with pytest.raises(ValueError, match=rf"input {bad} is not divisible by 2\*\*\(levels-1\) = 4"):
+        trace(UNet(UNetConfig(**SMALL)), images(height, width), T)
+
+
+def test_nchw_input_is_named():
+    with pytest.raises(ValueError, match=r"has 16 channels .* expected in_channels=3.*looks like NCHW"):
+        trace(UNet(UNetConfig(**SMALL)), jnp.zeros((2, 3, 16, 16)), T)
+
+
+def test_rank_and_timestep_shape():
+    with pytest.raises(ValueError, match=r"x must be NHWC .* got shape \(16, 16, 3\)"):
+        trace(UNet(UNetConfig(**SMALL)), jnp.zeros((16, 16, 3)), T)
+    with pytest.raises(ValueError, match=r"t must be a scalar or have shape \(2,\), got \(3,\)"):
+        trace(UNet(UNetConfig(**SMALL)), images(), jnp.zeros(3))
+
+
+def test_labels_without_num_classes():
+    with pytest.raises(ValueError, match=r"labels y were given, but the model has num_classes=None"):
+        trace(UNet(UNetConfig(**SMALL)), images(), T, jnp.zeros(2, int))
+
+
+@pytest.mark.parametrize("label", [-1, 11])
+def test_label_out_of_range(label):
+    """Concrete labels are checked (a traced label cannot be; train.py and sample.py check theirs)."""
+    model = UNet(UNetConfig(**SMALL, num_classes=10))
+    with pytest.raises(ValueError, match=rf"label {label} out of range: labels are 0..9, and 10 is the null label"):
+        model.init(jax.random.key(0), images(), T, np.array([0, label]))
+
+
+def test_context_without_context_dim():
+    with pytest.raises(ValueError, match=r"context was given, but the model has context_dim=None"):
+        trace(UNet(UNetConfig(**SMALL)), images(), T, None, jnp.zeros((2, 3, 4)))
+
+
+def test_context_of_the_wrong_width_or_missing():
+    model = UNet(UNetConfig(**SMALL, context_dim=6))
+    with pytest.raises(ValueError, match=r"context must have shape \(batch, length, 6\), got \(2, 3, 4\)"):
+        trace(model, images(), T, None, jnp.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match=r"context_dim=6: pass context of shape \(batch, length, 6\)"):
+        trace(model, images(), T)
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import sys, unet_flax; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
