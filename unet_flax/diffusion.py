@@ -1,0 +1,136 @@
+"""Diffusion math as pure functions of arrays: schedules, the forward process, the loss, sampling.
+
+Randomness is always an argument (t, noise, keys), so a test can hand the PyTorch side the very
+same draws. Schedules are computed in float64 with numpy and stored as float32.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("epsilon", "v")
+
+Array = jax.Array
+Denoiser = Callable[[Array, Array], Array]  # (x_t, t) -> model output
+
+
+def beta_schedule(name: str, timesteps: int = 1000) -> np.ndarray:
+    """float64 betas: 'linear' (DDPM, 1e-4..0.02 at T=1000) or 'cosine' (improved DDPM)."""
+    if name == "linear":
+        scale = 1000 / timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+    if name == "cosine":
+        s = 0.008
+        steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps
+        alphas_cumprod = np.cos((steps + s) / (1 + s) * np.pi / 2) ** 2
+        return np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0, 0.999)
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+
+
+@flax.struct.dataclass
+class Schedule:
+    betas: Array
+    alphas_cumprod: Array
+
+    @property
+    def timesteps(self) -> int:
+        return self.betas.shape[0]
+
+
+def make_schedule(name: str = "linear", timesteps: int = 1000) -> Schedule:
+    betas = beta_schedule(name, timesteps)
+    return Schedule(betas=jnp.asarray(betas, jnp.float32),
+                    alphas_cumprod=jnp.asarray(np.cumprod(1 - betas), jnp.float32))
+
+
+def _gather(values: Array, t: Array, ndim: int) -> Array:
+    """values[t] shaped to broadcast against a (B, ...) array of rank ndim."""
+    return values[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def q_sample(schedule: Schedule, x0: Array, t: Array, noise: Array) -> Array:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+    abar = _gather(schedule.alphas_cumprod, t, x0.ndim)
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * noise
+
+
+def training_target(schedule: Schedule, x0: Array, t: Array, noise: Array, prediction: str) -> Array:
+    if prediction == "epsilon":
+        return noise
+    if prediction == "v":  # v = sqrt(abar) noise - sqrt(1 - abar) x0
+        abar = _gather(schedule.alphas_cumprod, t, x0.ndim)
+        return jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def loss_weights(schedule: Schedule, t: Array, prediction: str, min_snr_gamma: float | None) -> Array:
+    """Min-SNR-gamma weights (Hang et al. 2023), expressed for the chosen target; ones if None."""
+    if min_snr_gamma is None:
+        return jnp.ones(t.shape, jnp.float32)
+    abar = schedule.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    clipped = jnp.minimum(snr, min_snr_gamma)
+    return clipped / snr if prediction == "epsilon" else clipped / (snr + 1)
+
+
+def diffusion_loss(denoise: Denoiser, schedule: Schedule, x0: Array, t: Array, noise: Array,
+                   prediction: str = "epsilon", min_snr_gamma: float | None = None) -> Array:
+    """Weighted MSE between the model's output on x_t and the target, averaged over the batch."""
+    x_t = q_sample(schedule, x0, t, noise)
+    output = denoise(x_t, t).astype(jnp.float32)
+    target = training_target(schedule, x0, t, noise, prediction)
+    per_example = jnp.mean(jnp.square(output - target), axis=tuple(range(1, x0.ndim)))
+    return jnp.mean(per_example * loss_weights(schedule, t, prediction, min_snr_gamma))
+
+
+def predict_x0_and_noise(schedule: Schedule, x_t: Array, t: Array, output: Array,
+                         prediction: str) -> tuple[Array, Array]:
+    abar = _gather(schedule.alphas_cumprod, t, x_t.ndim)
+    if prediction == "epsilon":
+        x0 = (x_t - jnp.sqrt(1 - abar) * output) / jnp.sqrt(abar)
+    elif prediction == "v":
+        x0 = jnp.sqrt(abar) * x_t - jnp.sqrt(1 - abar) * output
+    else:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+    # Images live in [-1, 1]; clipping x0 and re-deriving the noise keeps early, noisy steps sane.
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    noise = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+    return x0, noise
+
+
+def sampling_timesteps(timesteps: int, num_steps: int) -> np.ndarray:
+    """num_steps timesteps from T-1 down to 0, evenly spaced; all T of them when num_steps == T."""
+    if not 1 <= num_steps <= timesteps:
+        raise ValueError(f"sampling steps must be in 1..{timesteps}, got {num_steps}")
+    return np.round(np.linspace(timesteps - 1, 0, num_steps)).astype(np.int32)
+
+
+def sample(denoise: Denoiser, schedule: Schedule, x_T: Array, key: Array, num_steps: int,
+           eta: float = 0.0, prediction: str = "epsilon") -> Array:
+    """DDIM (Song et al. 2021) from x_T ~ N(0, I) over `num_steps` steps, in one lax.scan.
+
+    eta = 0 is deterministic DDIM; eta = 1 with num_steps = T is DDPM's ancestral sampler
+    (its per-step variance is then exactly the posterior variance beta~_t).
+    """
+    steps = sampling_timesteps(schedule.timesteps, num_steps)
+    previous = np.append(steps[1:], -1)
+    alphas_cumprod = jnp.append(schedule.alphas_cumprod, 1.0)  # index -1: abar = 1 after the last step
+
+    def step(x, inputs):
+        t, t_prev, step_key = inputs
+        batch_t = jnp.full(x.shape[:1], t)
+        x0, noise = predict_x0_and_noise(schedule, x, batch_t, denoise(x, batch_t), prediction)
+        abar, abar_prev = alphas_cumprod[t], alphas_cumprod[t_prev]
+        sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        x_prev = (jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * noise
+                  + sigma * jax.random.normal(step_key, x.shape, x.dtype))
+        return x_prev, None
+
+    keys = jax.random.split(key, num_steps)
+    x0, _ = jax.lax.scan(step, x_T, (jnp.asarray(steps), jnp.asarray(previous), keys))
+    return x0

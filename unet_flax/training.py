@@ -1,0 +1,210 @@
+"""The train state, the optimiser, one pure train step, and the pmap / sharded-jit drivers around it.
+
+`train_step(state, batch, rng)` is written for one device's share of the batch and averages
+gradients and metrics over the named axis 'data'. `jax.pmap` names that axis over the local
+devices; the sharded-jit driver names it with `jax.shard_map` over a 1-D `Mesh`. Both donate the
+state. Noise and timesteps are drawn per example from its global index, so the result does not
+depend on how many devices share the batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from . import diffusion
+from .configs import TrainConfig
+from .model import UNet
+
+DATA_AXIS = "data"
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+StepFn = Callable[[Any, Batch, jax.Array], tuple[Any, Metrics]]
+
+
+class TrainState(flax.struct.PyTreeNode):
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0, then constant or cosine decay to 0 at config.steps."""
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
+                                                  max(config.steps, config.warmup_steps + 1))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.lr, config.warmup_steps), optax.constant_schedule(config.lr)],
+        [config.warmup_steps])
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, optax.adamw(learning_rate(config), b1=config.adam_b1, b2=config.adam_b2,
+                                         eps=config.adam_eps, weight_decay=config.weight_decay))
+
+
+def ema_decay(config: TrainConfig, step: jax.Array) -> jax.Array:
+    """config.ema_decay, warmed up as (1 + step) / (10 + step) so early averages are not all init."""
+    return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def example_inputs(config: TrainConfig, batch_size: int = 1) -> tuple:
+    m = config.model
+    x = jnp.zeros((batch_size, m.image_size, m.image_size, m.in_channels), jnp.float32)
+    y = None if m.num_classes is None else jnp.zeros((batch_size,), jnp.int32)
+    return x, jnp.zeros((batch_size,), jnp.int32), y
+
+
+def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
+    params = UNet(config.model).init(rng, *example_inputs(config))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                      opt_state=make_optimizer(config).init(params))
+
+
+def make_train_step(config: TrainConfig) -> StepFn:
+    """The pure per-device train step for this config; see the module docstring."""
+    model = UNet(config.model)
+    tx = make_optimizer(config)
+    schedule = diffusion.make_schedule(config.noise_schedule, config.timesteps)
+    lr = learning_rate(config)
+    num_classes = config.model.num_classes
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        images = batch["image"]
+        local_batch = images.shape[0]
+        step_key = jax.random.fold_in(rng, state.step)
+        example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
+        # Example i draws from fold_in(step_key, i); the model's dropout from a separate stream.
+        example_key, dropout_key = jax.random.split(step_key)
+        keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(example_key, i), 3))(example_ids)
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, config.timesteps))(keys[:, 0])
+        noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:]))(keys[:, 1])
+        labels = None
+        if num_classes is not None:
+            # Classifier-free guidance: train a share of the examples with the null label.
+            dropped = jax.vmap(lambda k: jax.random.bernoulli(k, config.label_dropout))(keys[:, 2])
+            labels = jnp.where(dropped, num_classes, batch["label"])
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+
+        def loss_fn(params):
+            def denoise(x_t, t):
+                return model.apply({"params": params}, x_t, t, labels, train=True, rngs={"dropout": dropout_key})
+            return diffusion.diffusion_loss(denoise, schedule, images, t, noise, config.prediction,
+                                            config.min_snr_gamma)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        loss, grads = jax.lax.pmean((loss, grads), DATA_AXIS)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(config, state.step))
+        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+
+        # A non-finite loss or gradient leaves the state as it was: nothing poisoned reaches a checkpoint.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                           state.replace(step=state.step + 1))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step),
+                   "nonfinite": (~finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return train_step
+
+
+# -- drivers -----------------------------------------------------------------------------------
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+
+
+def check_batch_size(global_batch: int, num_devices: int) -> None:
+    if global_batch % num_devices:
+        raise ValueError(f"batch size {global_batch} is not divisible by the {num_devices} devices; "
+                         f"use a multiple of {num_devices}")
+
+
+def pmap_driver(train_step: StepFn) -> StepFn:
+    """`jax.pmap` over the local devices: state replicated with a leading device axis, batch split on it."""
+    return jax.pmap(train_step, axis_name=DATA_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def jit_driver(train_step: StepFn, mesh: Mesh) -> StepFn:
+    """`jax.jit` over a 1-D mesh: state replicated, batch sharded on its first axis with NamedSharding."""
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                               out_specs=(P(), P()), check_vma=False)
+    return jax.jit(per_device, in_shardings=(replicated, sharded, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+class Parallel:
+    """Moves the state and batches into the layout of the chosen driver and runs its step.
+
+    `canonical` state (what checkpoints hold) is replicated over the global mesh under either
+    driver, so a run saved under pmap resumes under jit and back.
+    """
+
+    def __init__(self, kind: str, train_step: StepFn, global_batch: int):
+        self.kind = kind
+        self.mesh = data_mesh()
+        check_batch_size(global_batch, jax.device_count())
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        if kind == "pmap":
+            self.step_fn = pmap_driver(train_step)
+        elif kind == "jit":
+            self.step_fn = jit_driver(train_step, self.mesh)
+        else:
+            raise ValueError(f"parallel must be 'pmap' or 'jit', got {kind!r}")
+
+    def put_state(self, state: Any) -> Any:
+        """Canonical (or host) state -> the driver's layout."""
+        host = jax.tree_util.tree_map(local_value, state)
+        if self.kind == "pmap":
+            # pmap's layout: a leading axis over the local devices, one copy on each.
+            local = NamedSharding(Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,)), P(DATA_AXIS))
+            n = jax.local_device_count()
+            return jax.device_put(jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (n, *x.shape)), host), local)
+        return jax.tree_util.tree_map(self.replicate, host)
+
+    def canonical_state(self, state: Any) -> Any:
+        """The driver's layout -> replicated global arrays (what orbax saves from every process)."""
+        if self.kind == "pmap":
+            state = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), state)
+            return jax.tree_util.tree_map(self.replicate, state)
+        return state
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        """This process's rows of the global batch -> the driver's layout."""
+        if self.kind == "pmap":
+            n = jax.local_device_count()
+            return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in local_batch.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+    def step(self, state: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
+        state, metrics = self.step_fn(state, batch, rng)
+        if self.kind == "pmap":
+            metrics = jax.tree_util.tree_map(lambda m: m[0], metrics)
+        return state, metrics
+
+    def replicate(self, value: np.ndarray) -> jax.Array:
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, self.replicated, lambda index: value[index])
+
+
+def local_value(x: Any) -> np.ndarray:
+    """A replicated array's value, read from this process's first shard (works across hosts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+
