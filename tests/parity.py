@@ -45,3 +45,23 @@ def torch_grads_as_flax(torch_module: torch.nn.Module) -> dict:
     # torch leaves .grad None on a parameter the forward did not use; its gradient is zero.
     return torch_to_flax({name: torch.zeros_like(p) if p.grad is None else p.grad
                           for name, p in torch_module.named_parameters()})
+
+
+def without_key_biases(params):
+    """The params with the attention key biases zeroed, for comparing two training runs.
+
+    softmax(q . (k + b)) = softmax(q . k): a key bias shifts every logit of a query equally, so its
+    true gradient is exactly zero. Adam divides that zero's rounding noise (~1e-9) by its own
+    magnitude and takes full +-lr steps, which differ between any two summation orders (devices,
+    frameworks) while changing no output. Tests compare every other parameter, and the outputs.
+    """
+    def mask(path, value):
+        names = [getattr(k, "key", None) for k in path]
+        value = np.array(value)
+        if names[-2:] == ["to_qkv", "bias"]:
+            third = value.shape[0] // 3
+            value[third:2 * third] = 0
+        elif names[-2:] == ["to_kv", "bias"]:
+            value[:value.shape[0] // 2] = 0
+        return value
+    return jax.tree_util.tree_map_with_path(mask, params)

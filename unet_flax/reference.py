@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import UNetConfig, check_divisible, timestep_frequencies
+from .diffusion import beta_schedule
 
 
 class ResidualBlock(nn.Module):
@@ -233,6 +235,26 @@ class UNet(nn.Module):
                 h = self.upsamples[i](h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# -- diffusion, the same math as diffusion.py, for training and sampling the reference ------------
+
+def alphas_cumprod(schedule: str = "linear", timesteps: int = 1000) -> torch.Tensor:
+    """The very float32 values diffusion.make_schedule holds: both come from one float64 schedule."""
+    return torch.from_numpy(np.cumprod(1 - beta_schedule(schedule, timesteps)).astype(np.float32))
+
+
+def q_sample(abar, x0, t, noise):
+    abar_t = abar[t].view(-1, *([1] * (x0.ndim - 1)))
+    return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
+
+
+def diffusion_loss(model, abar, x0, t, noise, y=None, context=None, prediction="epsilon"):
+    """Unweighted MSE to the epsilon or v target, averaged over the batch (diffusion.diffusion_loss)."""
+    output = model(q_sample(abar, x0, t, noise), t, y, context)
+    abar_t = abar[t].view(-1, *([1] * (x0.ndim - 1)))
+    target = noise if prediction == "epsilon" else abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0
+    return ((output - target) ** 2).mean()
 
 
 def load_numpy_state_dict(module: nn.Module, arrays) -> nn.Module:

@@ -104,7 +104,7 @@ def make_train_step(config: TrainConfig) -> StepFn:
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         loss, grads = jax.lax.pmean((loss, grads), DATA_AXIS)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(config, state.step))

@@ -1,0 +1,69 @@
+"""Schedules, the forward process and the sampler, checked against their definitions."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_flax import diffusion
+
+
+def test_linear_schedule_is_ddpm():
+    betas = diffusion.beta_schedule("linear", 1000)
+    assert betas[0] == pytest.approx(1e-4) and betas[-1] == pytest.approx(0.02) and len(betas) == 1000
+
+
+def test_cosine_schedule():
+    betas = diffusion.beta_schedule("cosine", 1000)
+    abar = np.cumprod(1 - betas)
+    assert np.all(np.diff(abar) < 0) and abar[0] > 0.999 and abar[-1] < 1e-4 and betas.max() <= 0.999
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError, match="schedule must be one of .* got 'quadratic'"):
+        diffusion.beta_schedule("quadratic")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_target_inverts_to_x0(prediction):
+    schedule = diffusion.make_schedule("cosine", 1000)
+    key1, key2 = jax.random.split(jax.random.PRNGKey(0))
+    x0 = jax.random.uniform(key1, (4, 5, 3, 2), minval=-1, maxval=1)
+    noise = jax.random.normal(key2, x0.shape)
+    t = jnp.array([0, 10, 500, 990])
+    x_t = diffusion.q_sample(schedule, x0, t, noise)
+    target = diffusion.training_target(schedule, x0, t, noise, prediction)
+    x0_hat, noise_hat = diffusion.predict_x0_and_noise(schedule, x_t, t, target, prediction)
+    np.testing.assert_allclose(x0_hat[:3], x0[:3], atol=2e-4)  # at t=990 x0 is barely in x_t
+    np.testing.assert_allclose(noise_hat, noise, atol=2e-3)
+
+
+def test_min_snr_weights():
+    schedule = diffusion.make_schedule("linear", 1000)
+    t = jnp.arange(0, 1000, 50)
+    abar = schedule.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    eps_w = diffusion.loss_weights(schedule, t, "epsilon", 5.0)
+    np.testing.assert_allclose(eps_w, np.minimum(snr, 5.0) / snr, rtol=1e-6)
+    assert np.all(np.asarray(diffusion.loss_weights(schedule, t, "v", None)) == 1)
+
+
+@pytest.mark.parametrize("prediction,eta,steps", [("epsilon", 0.0, 20), ("v", 0.0, 7), ("epsilon", 1.0, 1000)])
+def test_sampler_with_an_oracle_returns_the_data(prediction, eta, steps):
+    """A denoiser that knows x0 makes every DDIM/DDPM step land on x0's path: the result is x0."""
+    schedule = diffusion.make_schedule("linear", 1000)
+    x0 = jax.random.uniform(jax.random.PRNGKey(1), (3, 4, 4, 1), minval=-0.9, maxval=0.9)
+
+    def oracle(x_t, t):
+        abar = schedule.alphas_cumprod[t][:, None, None, None]
+        noise = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
+        return noise if prediction == "epsilon" else jnp.sqrt(abar) * noise - jnp.sqrt(1 - abar) * x0
+
+    x_T = jax.random.normal(jax.random.PRNGKey(2), x0.shape)
+    out = jax.jit(lambda x, k: diffusion.sample(oracle, schedule, x, k, steps, eta, prediction))(
+        x_T, jax.random.PRNGKey(3))
+    np.testing.assert_allclose(out, x0, atol=1e-4)
+
+
+def test_sampling_steps_out_of_range():
+    with pytest.raises(ValueError, match=r"sampling steps must be in 1..1000, got 0"):
+        diffusion.sampling_timesteps(1000, 0)
