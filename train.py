@@ -98,6 +98,8 @@ def train(args) -> dict:
     start = time.time()
     config = config_from_args(args)
     if config.distributed:
+        # Collectives between CPU processes need gloo; GPU and TPU bring their own.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
     data = input_pipeline.load(config.data, config.model.image_size)
     config = resolve_config(args, data, config)

@@ -180,8 +180,7 @@ class Parallel:
     def canonical_state(self, state: Any) -> Any:
         """The driver's layout -> replicated global arrays (what orbax saves from every process)."""
         if self.kind == "pmap":
-            state = jax.tree_util.tree_map(lambda x: np.asarray(x[0]), state)
-            return jax.tree_util.tree_map(self.replicate, state)
+            return jax.tree_util.tree_map(lambda x: self.replicate(np.asarray(first_replica(x))), state)
         return state
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
@@ -194,12 +193,18 @@ class Parallel:
     def step(self, state: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
         state, metrics = self.step_fn(state, batch, rng)
         if self.kind == "pmap":
-            metrics = jax.tree_util.tree_map(lambda m: m[0], metrics)
+            metrics = jax.tree_util.tree_map(first_replica, metrics)
         return state, metrics
 
     def replicate(self, value: np.ndarray) -> jax.Array:
         value = np.asarray(value)
         return jax.make_array_from_callback(value.shape, self.replicated, lambda index: value[index])
+
+
+def first_replica(x: jax.Array) -> jax.Array:
+    """Device 0's copy of a pmap output, without a transfer; across hosts the output is a global
+    array whose other rows live on other processes, so it is read from this process's first shard."""
+    return x.addressable_shards[0].data[0]
 
 
 def local_value(x: Any) -> np.ndarray:

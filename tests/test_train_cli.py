@@ -1,0 +1,147 @@
+"""train.py as a user runs it: flags, resume, bit-exact continuation, several hosts, errors."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from parity import rel_error, without_key_biases
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--num-groups", "4",
+        "--num-heads", "2", "--attention-resolutions", "4", "--image-size", "8", "--batch-size", "8",
+        "--num-samples", "10", "--sampling-steps", "2", "--log-every", "2", "--warmup-steps", "2"]
+
+
+def run_train(workdir, *flags, devices=4, env=None, check=True):
+    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *TINY, *flags],
+                            capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def summary(result) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def params_at(workdir, step):
+    """A checkpoint's train state, restored onto this process's first device whatever wrote it."""
+    path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                    checkpointer.metadata(path).item_metadata)
+    return checkpointer.restore(path, target)["train_state"]
+
+
+def assert_bit_identical(a, b):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_train(workdir, "--steps", "6", "--save-every", "3")
+    return workdir, summary(result)
+
+
+def test_a_run_writes_what_it_promises(uninterrupted):
+    workdir, final = uninterrupted
+    assert final["step"] == 6 and final["resumed_from"] is None and final["workdir"] == str(workdir)
+    assert np.isfinite(final["loss"]) and final["wall_s"] > 0
+    for name in ("samples.png", "loss.png", "metrics.jsonl"):
+        assert (workdir / name).stat().st_size > 0, name
+    assert list((workdir / "tensorboard").iterdir())
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]  # every --log-every steps, and at each save
+    assert {"loss", "grad_norm", "lr", "img_per_s"} <= rows[0].keys()
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def test_interrupted_and_resumed_is_bit_identical(uninterrupted, tmp_path):
+    """Stop at step 3, resume to step 6: the same bits as the run that was never stopped."""
+    run_train(tmp_path, "--steps", "3", "--save-every", "3")
+    resumed = summary(run_train(tmp_path, "--steps", "6", "--save-every", "3"))
+    assert resumed["resumed_from"] == 3 and resumed["step"] == 6
+    assert_bit_identical(params_at(tmp_path, 6), params_at(uninterrupted[0], 6))
+
+
+def test_resume_under_the_other_driver(uninterrupted, tmp_path):
+    run_train(tmp_path, "--steps", "3", "--save-every", "3", "--parallel", "pmap")
+    resumed = summary(run_train(tmp_path, "--steps", "6", "--save-every", "3", "--parallel", "jit"))
+    assert resumed["resumed_from"] == 3
+    errors = jax.tree_util.tree_map(rel_error, without_key_biases(params_at(tmp_path, 6)["params"]),
+                                    without_key_biases(params_at(uninterrupted[0], 6)["params"]))
+    assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5  # the same run, up to summation order
+
+
+def test_steps_at_or_below_the_checkpoint_train_nothing(uninterrupted):
+    workdir, _ = uninterrupted
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    result = run_train(workdir, "--steps", "6")
+    assert "already at step 6 >= --steps 6: nothing to train" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
+
+
+def test_incompatible_resume_names_the_fields(uninterrupted):
+    result = run_train(uninterrupted[0], "--steps", "9", "--base-channels", "12", "--seed", "4", check=False)
+    assert result.returncode == 2
+    assert "model.base_channels (8 -> 12)" in result.stderr and "seed (0 -> 4)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_no_resume_refuses_a_workdir_with_checkpoints(uninterrupted):
+    result = run_train(uninterrupted[0], "--steps", "9", "--no-resume", check=False)
+    assert result.returncode == 1 and "holds checkpoints up to step 6" in result.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "6"], "batch size 6 is not divisible by the 4 devices"),
+    (["--image-size", "7"], "image_size 7 is not divisible by 2**(levels-1) = 2"),
+    (["--data", "/no/such/folder"], "data path '/no/such/folder' does not exist"),
+    (["--parallel", "vmap"], "parallel must be one of ('pmap', 'jit'), got 'vmap'"),
+])
+def test_bad_flags_fail_in_one_line(tmp_path, flags, message):
+    result = run_train(tmp_path / "w", "--steps", "2", *flags, check=False)
+    assert result.returncode in (1, 2) and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_every_field():
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
+                            cwd=ROOT)
+    for flag in ("--preset", "--workdir", "--steps", "--batch-size", "--lr", "--parallel", "--dtype", "--seed",
+                 "--data", "--image-size", "--class-conditional", "--save-every", "--sample-every",
+                 "--resume", "--no-resume", "--channel-mults", "--ema-decay", "--min-snr-gamma"):
+        assert flag in result.stdout, flag
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(uninterrupted, tmp_path):
+    """2 processes x 2 CPU devices (gloo) reach the parameters 1 process x 4 devices reaches."""
+    port = _free_port()
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *TINY, "--steps", "6",
+         "--save-every", "3", "--distributed", "--coordinator-address", f"localhost:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    errors = jax.tree_util.tree_map(rel_error, without_key_biases(params_at(tmp_path, 6)["params"]),
+                                    without_key_biases(params_at(uninterrupted[0], 6)["params"]))
+    assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
