@@ -178,9 +178,12 @@ def train(args) -> dict:
             saving = (config.save_every and step % config.save_every == 0) or step == config.steps or stop_requested
             if boundary or saving:
                 if int(first_bad) >= 0 and not config.skip_nonfinite:
+                    last_good = checkpoints.latest_step()
                     raise TrainingError(
                         f"non-finite loss or gradient at step {int(first_bad)}; stopped without saving, "
-                        f"the last good checkpoint is step {checkpoints.latest_step()}")
+                        + ("no checkpoint was written yet" if last_good is None
+                           else f"the last good checkpoint is step {last_good}")
+                        + " (--skip-nonfinite skips such steps instead)")
                 host = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 elapsed = time.time() - interval_start
                 img_per_s = interval_steps * config.batch_size / elapsed

@@ -145,3 +145,64 @@ def test_two_processes_match_one_process(uninterrupted, tmp_path):
     errors = jax.tree_util.tree_map(rel_error, without_key_biases(params_at(tmp_path, 6)["params"]),
                                     without_key_biases(params_at(uninterrupted[0], 6)["params"]))
     assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
+
+
+def run_sample(workdir, *flags, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--workdir", str(workdir), *flags],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_sample_is_reproducible_and_writes_npz(uninterrupted, tmp_path):
+    workdir, _ = uninterrupted
+    for name in ("a", "b"):
+        run_sample(workdir, "--num-samples", "6", "--sampling-steps", "3", "--labels", "1,7", "--seed", "5",
+                   "--npz", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.png"))
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["images"].shape == (6, 8, 8, 1) and a["images"].dtype == np.uint8
+    assert a["labels"].tolist() == [1, 7, 1, 7, 1, 7]
+    np.testing.assert_array_equal(a["images"], b["images"])
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_ddpm_sampler_runs_every_training_step(uninterrupted, tmp_path):
+    result = json.loads(run_sample(uninterrupted[0], "--sampler", "ddpm", "--num-samples", "2", "--out",
+                                   str(tmp_path / "d.png")).stdout.splitlines()[-1])
+    assert result["sampling_steps"] == 1000 and result["eta"] == 1.0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--labels", "3,12"], "label 12 out of range: this model has classes 0..9"),
+    (["--step", "4"], "no checkpoint for step 4"),
+    (["--sampling-steps", "0"], "--sampling-steps must be positive, got 0"),
+])
+def test_sample_errors(uninterrupted, flags, message):
+    result = run_sample(uninterrupted[0], *flags, check=False)
+    assert result.returncode in (1, 2) and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sample_without_a_checkpoint_creates_nothing(tmp_path):
+    result = run_sample(tmp_path / "missing", check=False)
+    assert result.returncode == 1 and "no checkpoint in" in result.stderr
+    assert not (tmp_path / "missing").exists()
+
+
+def test_labels_for_an_unconditional_model():
+    sys.path.insert(0, str(ROOT))
+    import sample
+    with pytest.raises(ValueError, match="--labels given, but this model is unconditional"):
+        sample.sample_labels(sample.parse_args(["--labels", "1"]), None)
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    """A learning rate of 1e30 sends the loss to inf within a few steps."""
+    result = run_train(tmp_path, "--steps", "6", "--save-every", "1", "--lr", "1e30", "--warmup-steps", "0",
+                       "--grad-clip", "0", check=False)
+    assert result.returncode == 1 and "non-finite loss or gradient at step" in result.stderr, result.stderr[-2000:]
+    bad_step = int(result.stderr.split("at step ")[1].split(";")[0])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) == bad_step - 1
+    state = params_at(tmp_path, max(saved))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state))

@@ -145,3 +145,18 @@ def test_fifty_adam_steps_match_pytorch():
     with torch.no_grad():
         torch_out = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(y))
     assert rel_error(model.apply({"params": params}, x, t, y), torch_out.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+
+
+def test_remat_changes_neither_names_nor_values():
+    config = TrainConfig(model=dataclasses.replace(TINY, remat=True))
+    x, t, _ = training.example_inputs(config, 2)
+    x = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+    plain = UNet(TINY).init(jax.random.PRNGKey(0), x, t)
+    remat = UNet(config.model).init(jax.random.PRNGKey(0), x, t)
+    assert jax.tree_util.tree_structure(plain) == jax.tree_util.tree_structure(remat)
+
+    def loss(params, model):
+        return jnp.sum(model.apply(params, x, t) ** 2)
+    grads = [jax.grad(loss)(plain, UNet(m)) for m in (TINY, config.model)]
+    errors = jax.tree_util.tree_map(rel_error, grads[1], grads[0])
+    assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5

@@ -19,9 +19,10 @@ RESUME_FREE_MODEL_FIELDS = ("dtype", "attention_impl", "remat")
 
 
 class Checkpoints:
-    def __init__(self, workdir: str | Path, keep: int = 3):
+    def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                               enable_async_checkpointing=not read_only)
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_names=("state", "data", "config"))
 
@@ -62,3 +63,38 @@ def incompatible_fields(saved: dict, current: dict) -> list[str]:
 
 def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> tuple[Any, dict, int]:
+    """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on one device."""
+    import jax
+
+    from .configs import TrainConfig
+    from .training import create_train_state
+
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoint in {directory}: train first, or pass the --workdir that holds one")
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        steps = checkpoints.manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}: train first, or pass the "
+                                    f"--workdir that holds one")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoints.directory} "
+                                    f"(steps: {', '.join(map(str, sorted(steps)))})")
+        config = checkpoints.read_config(step)
+        train_config = TrainConfig.from_dict(config)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.eval_shape(lambda: {"train_state": create_train_state(train_config, jax.random.PRNGKey(0)),
+                                           "rng": jax.random.PRNGKey(0)})
+        abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                                          abstract)
+        state, _ = checkpoints.restore(step, abstract)
+    finally:
+        checkpoints.close()
+    train_state = state["train_state"]
+    return (train_state.ema_params if ema else train_state.params), config, step

@@ -1,0 +1,125 @@
+"""Sample from a trained U-Net: a PNG grid, and optionally the raw images as .npz.
+
+    python sample.py                                    # runs/digits, latest checkpoint, EMA weights
+    python sample.py --labels 3,3,7 --guidance-scale 3  # class-conditional: these digits
+    python sample.py --sampler ddpm --num-samples 64 --npz samples.npz
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import absl.logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unet_flax.checkpoint import load_params
+from unet_flax.configs import TrainConfig
+from unet_flax.input_pipeline import to_uint8
+from unet_flax.sampling import generate
+from unet_flax.visualize import save_grid
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", default="runs/digits", help="the training run's workdir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--no-ema", action="store_true", help="use the raw parameters, not the EMA")
+    parser.add_argument("--out", default=None, help="PNG grid path (default: WORKDIR/samples_sample.png)")
+    parser.add_argument("--npz", default=None, help="also write uint8 NHWC `images` (+ `labels`) here")
+    parser.add_argument("--num-samples", type=int, default=100)
+    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim",
+                        help="ddpm: ancestral over every training step; ddim: --sampling-steps, --eta")
+    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance (default: the training config's)")
+    parser.add_argument("--labels", default=None,
+                        help="comma-separated class labels, cycled to --num-samples (default: every class in turn)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser.parse_args(argv)
+
+
+def sample_labels(args, num_classes: int | None) -> np.ndarray | None:
+    if num_classes is None:
+        if args.labels is not None:
+            raise ValueError("--labels given, but this model is unconditional (trained without --class-conditional)")
+        return None
+    if args.labels is None:
+        return np.arange(args.num_samples, dtype=np.int32) % num_classes
+    try:
+        asked = [int(v) for v in args.labels.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+    bad = [v for v in asked if not 0 <= v < num_classes]
+    if bad or not asked:
+        raise ValueError(f"label {bad[0] if bad else args.labels!r} out of range: this model has classes "
+                         f"0..{num_classes - 1}")
+    return np.resize(np.asarray(asked, np.int32), args.num_samples)
+
+
+def run(args) -> dict:
+    for name in ("num_samples", "batch_size", "sampling_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    params, config_dict, step = load_params(args.workdir, args.step, ema=not args.no_ema)
+    config = TrainConfig.from_dict(config_dict)
+    model = dataclasses.replace(config.model, dtype="float32" if jax.default_backend() == "cpu"
+                                else config.model.dtype)
+    labels = sample_labels(args, model.num_classes)
+    num_steps, eta = (config.timesteps, 1.0) if args.sampler == "ddpm" else (args.sampling_steps, args.eta)
+    if num_steps > config.timesteps:
+        raise ValueError(f"--sampling-steps {num_steps} exceeds the model's {config.timesteps} timesteps")
+    guidance = config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+
+    from tqdm import tqdm
+    images = []
+    for start in tqdm(range(0, args.num_samples, args.batch_size), unit="batch", disable=args.num_samples <= args.batch_size):
+        count = min(args.batch_size, args.num_samples - start)
+        batch_labels = None if labels is None else jnp.asarray(labels[start:start + count])
+        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), start)
+        out = generate(params, key, batch_labels, model_config=model,
+                       shape=(count, model.image_size, model.image_size, model.in_channels), num_steps=num_steps,
+                       eta=eta, guidance_scale=guidance, schedule_name=config.noise_schedule,
+                       timesteps=config.timesteps, prediction=config.prediction)
+        images.append(to_uint8(out))
+    images = np.concatenate(images)
+
+    out_path = Path(args.out) if args.out else Path(args.workdir) / "samples_sample.png"
+    columns = None
+    if labels is not None and args.labels is None:
+        columns = model.num_classes
+    save_grid(images, out_path, columns)
+    result = {"step": step, "num_samples": len(images), "sampler": args.sampler, "sampling_steps": num_steps,
+              "eta": eta, "guidance_scale": guidance if labels is not None else None, "ema": not args.no_ema,
+              "seed": args.seed, "out": str(out_path)}
+    if args.npz:
+        arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+        np.savez(args.npz, **arrays)
+        result["npz"] = args.npz
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's notes on opening a checkpoint read-only
+    try:
+        result = run(args)
+    except (ValueError, FileNotFoundError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) else 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
