@@ -14,13 +14,11 @@ from pathlib import Path
 
 import absl.logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unet_flax.checkpoint import load_params
 from unet_flax.configs import TrainConfig
-from unet_flax.input_pipeline import to_uint8
-from unet_flax.sampling import generate
+from unet_flax.sampling import sample_images
 from unet_flax.visualize import save_grid
 
 
@@ -79,18 +77,9 @@ def run(args) -> dict:
         raise ValueError(f"--sampling-steps {num_steps} exceeds the model's {config.timesteps} timesteps")
     guidance = config.guidance_scale if args.guidance_scale is None else args.guidance_scale
 
-    from tqdm import tqdm
-    images = []
-    for start in tqdm(range(0, args.num_samples, args.batch_size), unit="batch", disable=args.num_samples <= args.batch_size):
-        count = min(args.batch_size, args.num_samples - start)
-        batch_labels = None if labels is None else jnp.asarray(labels[start:start + count])
-        key = jax.random.fold_in(jax.random.PRNGKey(args.seed), start)
-        out = generate(params, key, batch_labels, model_config=model,
-                       shape=(count, model.image_size, model.image_size, model.in_channels), num_steps=num_steps,
-                       eta=eta, guidance_scale=guidance, schedule_name=config.noise_schedule,
-                       timesteps=config.timesteps, prediction=config.prediction)
-        images.append(to_uint8(out))
-    images = np.concatenate(images)
+    config = dataclasses.replace(config, model=model)
+    images = sample_images(params, config, args.num_samples, labels, num_steps, eta, guidance, args.seed,
+                           args.batch_size, progress=True)
 
     out_path = Path(args.out) if args.out else Path(args.workdir) / "samples_sample.png"
     columns = None

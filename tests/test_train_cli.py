@@ -107,7 +107,9 @@ def test_no_resume_refuses_a_workdir_with_checkpoints(uninterrupted):
     (["--batch-size", "6"], "batch size 6 is not divisible by the 4 devices"),
     (["--image-size", "7"], "image_size 7 is not divisible by 2**(levels-1) = 2"),
     (["--data", "/no/such/folder"], "data path '/no/such/folder' does not exist"),
-    (["--parallel", "vmap"], "parallel must be one of ('pmap', 'jit'), got 'vmap'"),
+    (["--parallel", "vmap"], "argument --parallel: invalid choice: 'vmap'"),
+    (["--preset", "imagenet"], "argument --preset: invalid choice: 'imagenet'"),
+    (["--lr", "fast"], "argument --lr: invalid value 'fast'"),
 ])
 def test_bad_flags_fail_in_one_line(tmp_path, flags, message):
     result = run_train(tmp_path / "w", "--steps", "2", *flags, check=False)
@@ -206,3 +208,61 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_pa
     assert saved and max(saved) == bad_step - 1
     state = params_at(tmp_path, max(saved))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state))
+
+
+def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
+    """Export a trained checkpoint, load it into the reference: same denoiser outputs (1e-5) and
+    DDIM from the same noise gives the same samples (1e-4); import it back: sample.py and train.py accept it."""
+    import torch
+
+    from unet_flax import UNet, diffusion, reference
+    from unet_flax.checkpoint import load_params
+    from unet_flax.configs import TrainConfig
+
+    workdir, _ = uninterrupted
+    out = tmp_path / "model.pt"
+    result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "export", "--workdir", str(workdir),
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    config = TrainConfig.from_dict(json.loads(out.with_suffix(".json").read_text()))
+    torch_model = reference.UNet(config.model).eval()
+    torch_model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    params, _, _ = load_params(workdir)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 8, 1)).astype(np.float32)
+    t, y = np.array([0, 10, 500, 999]), np.array([0, 4, 9, 10])
+    with jax.default_matmul_precision("highest"):
+        flax_out = UNet(config.model).apply({"params": params}, x, t, y)
+        with torch.no_grad():
+            torch_out = torch_model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(y))
+        assert rel_error(flax_out, torch_out.numpy().transpose(0, 2, 3, 1)) <= 1e-5
+
+        labels = np.array([1, 2, 3, 4])
+        from unet_flax.sampling import guided_denoiser
+        schedule = diffusion.make_schedule(config.noise_schedule, config.timesteps)
+        denoise = guided_denoiser(UNet(config.model), params, labels, 2.0)
+        flax_samples = diffusion.sample(denoise, schedule, x, jax.random.PRNGKey(0), 20)
+        torch_samples = reference.ddim_sample(torch_model, reference.alphas_cumprod(config.noise_schedule, config.timesteps),
+                                              torch.from_numpy(x.transpose(0, 3, 1, 2)), 20,
+                                              torch.from_numpy(labels), guidance_scale=2.0)
+        assert rel_error(flax_samples, torch_samples.numpy().transpose(0, 2, 3, 1)) <= 1e-4
+
+    imported = tmp_path / "imported"
+    result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "import", "--state-dict", str(out),
+                             "--config", str(out.with_suffix(".json")), "--workdir", str(imported)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    restored, _, step = load_params(imported)
+    assert step == 0
+    assert_bit_identical(restored, params)
+    run_sample(imported, "--num-samples", "2", "--sampling-steps", "2")
+    assert summary(run_train(imported, "--steps", "2"))["resumed_from"] == 0
+
+
+def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
+    out = tmp_path / "model.pt"
+    out.write_text("precious")
+    result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "export", "--workdir", str(uninterrupted[0]),
+                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and "exists" in result.stderr and out.read_text() == "precious"

@@ -160,3 +160,13 @@ def test_remat_changes_neither_names_nor_values():
     grads = [jax.grad(loss)(plain, UNet(m)) for m in (TINY, config.model)]
     errors = jax.tree_util.tree_map(rel_error, grads[1], grads[0])
     assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
+
+
+def test_sampling_spread_over_devices_gives_the_same_images(monkeypatch):
+    from unet_flax import sampling
+    params = training.create_train_state(CONFIG, jax.random.PRNGKey(0)).params
+    labels = np.arange(8) % 3
+    spread = sampling.sample_images(params, CONFIG, 8, labels, 3, 0.0, 1.5, seed=0, batch_size=8)
+    monkeypatch.setattr(sampling.jax, "device_count", lambda: 1)
+    single = sampling.sample_images(params, CONFIG, 8, labels, 3, 0.0, 1.5, seed=0, batch_size=8)
+    np.testing.assert_array_equal(spread, single)

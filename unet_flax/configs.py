@@ -11,10 +11,15 @@ import types
 import typing
 from typing import Any
 
-from .config import UNetConfig
+from .config import ATTENTION_IMPLEMENTATIONS, DTYPES, UNetConfig
 
 LR_SCHEDULES = ("constant", "cosine")
 PARALLEL = ("pmap", "jit")
+CHOICES = {"lr_schedule": LR_SCHEDULES, "parallel": PARALLEL, "noise_schedule": ("linear", "cosine"),
+           "prediction": ("epsilon", "v"), "dtype": DTYPES, "attention_impl": ATTENTION_IMPLEMENTATIONS}
+# Set by train.py from the data (channels; labels with --class-conditional), not by flags; and
+# train.py has no conditioning context to give a cross-attention model.
+NOT_FLAGS = {"model", "in_channels", "num_classes", "context_dim"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +74,8 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        choices = {"lr_schedule": LR_SCHEDULES, "parallel": PARALLEL,
-                   "noise_schedule": ("linear", "cosine"), "prediction": ("epsilon", "v")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for name, allowed in CHOICES.items():
+            if hasattr(self, name) and getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
@@ -94,7 +97,7 @@ PRESETS: dict[str, TrainConfig] = {
         model=UNetConfig(in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
                          attention_resolutions=(8, 4), image_size=16, num_heads=4, num_groups=8),
         workdir="runs/digits", class_conditional=True, steps=1500, batch_size=64, lr=2e-3,
-        lr_schedule="cosine", warmup_steps=100, ema_decay=0.995, save_every=500),
+        lr_schedule="cosine", warmup_steps=100, ema_decay=0.995, save_every=500, guidance_scale=1.5),
     # The DDPM CIFAR-10 U-Net (Ho et al. 2020) and its optimisation.
     "cifar10": TrainConfig(
         model=UNetConfig(in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
@@ -134,7 +137,7 @@ def _add_fields(group, cls, defaults) -> list[str]:
     hints = typing.get_type_hints(cls)
     names = []
     for field in dataclasses.fields(cls):
-        if field.name == "model":
+        if field.name in NOT_FLAGS:
             continue
         names.append(field.name)
         default = getattr(defaults, field.name)
@@ -143,9 +146,10 @@ def _add_fields(group, cls, defaults) -> list[str]:
                                default=argparse.SUPPRESS, help=f"(default: {default})")
         else:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            group.add_argument(_flag(field.name), type=_parser_for(hints[field.name]),
-                               default=argparse.SUPPRESS, metavar=field.name.upper(),
-                               help=f"(default: {shown})")
+            choices = CHOICES.get(field.name)
+            group.add_argument(_flag(field.name), type=_parser_for(hints[field.name]), choices=choices,
+                               default=argparse.SUPPRESS, metavar="{" + ",".join(choices) + "}" if choices
+                               else field.name.upper(), help=f"(default: {shown})")
     return names
 
 

@@ -9,8 +9,10 @@ Every transpose is a permutation, so the round trip is bit-exact.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -161,3 +163,96 @@ def _check_against(flat: Mapping[tuple[str, ...], np.ndarray], expected: Mapping
         if flat[path].shape != tuple(expected[path].shape):
             raise ValueError(f"key {flax_path_to_torch_key(path)!r} has shape {_torch_shape(path, flat[path].shape)}, "
                              f"the model expects {_torch_shape(path, tuple(expected[path].shape))}")
+
+
+# -- command line: orbax checkpoint <-> PyTorch state_dict file ----------------------------------
+
+def export_checkpoint(workdir: str, out: str, step: int | None = None, ema: bool = True) -> dict:
+    """An orbax checkpoint -> a PyTorch state_dict file for reference.UNet, and its config as JSON beside it."""
+    import json
+
+    import torch
+
+    from .checkpoint import load_params
+
+    params, config, step = load_params(workdir, step, ema)
+    out_path = Path(out)
+    if out_path.exists():
+        raise FileExistsError(f"{out_path} exists; choose another --out (nothing was written)")
+    state_dict = {key: torch.from_numpy(np.array(value)) for key, value in flax_to_torch(params).items()}
+    torch.save(state_dict, out_path)
+    config_path = out_path.with_suffix(".json")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return {"step": step, "ema": ema, "state_dict": str(out_path), "config": str(config_path)}
+
+
+def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> dict:
+    """A PyTorch reference state_dict -> an orbax checkpoint at step 0 that sample.py and train.py resume.
+
+    The config is the JSON `export` writes (a whole training config), or a bare UNetConfig, which
+    takes the digits preset's training settings."""
+    import json
+
+    import jax
+    import torch
+
+    from .checkpoint import Checkpoints
+    from .config import UNetConfig
+    from .configs import PRESETS, TrainConfig
+    from .training import create_train_state, make_optimizer
+
+    fields = json.loads(Path(config_path).read_text())
+    config = (TrainConfig.from_dict(fields) if "model" in fields
+              else dataclasses.replace(PRESETS["digits"], model=UNetConfig.from_dict(fields), workdir=workdir))
+    checkpoints = Checkpoints(workdir)
+    try:
+        if checkpoints.latest_step() is not None:
+            raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
+        state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+        fresh = create_train_state(config, jax.random.PRNGKey(config.seed))
+        params = torch_to_flax(state_dict, fresh.params)
+        state = fresh.replace(params=params, ema_params=params, opt_state=make_optimizer(config).init(params))
+        _, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+        data_state = {"next_index": 0}
+        checkpoints.save(0, {"train_state": state, "rng": step_rng}, data_state, config.to_dict())
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    return {"workdir": workdir, "step": 0, "parameters": int(sum(v.numel() for v in state_dict.values()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m unet_flax.convert",
+                                     description="Move U-Net weights between orbax checkpoints and PyTorch.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="orbax checkpoint -> PyTorch state_dict (+ config .json)")
+    export.add_argument("--workdir", required=True)
+    export.add_argument("--out", required=True, help="the .pt file to write; its config goes beside it as .json")
+    export.add_argument("--step", type=int, default=None)
+    export.add_argument("--no-ema", action="store_true")
+    imp = commands.add_parser("import", help="PyTorch state_dict -> orbax checkpoint (step 0)")
+    imp.add_argument("--state-dict", required=True)
+    imp.add_argument("--config", required=True, help="the .json export wrote, or a UNetConfig as JSON")
+    imp.add_argument("--workdir", required=True)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            result = export_checkpoint(args.workdir, args.out, args.step, not args.no_ema)
+        else:
+            result = import_state_dict(args.state_dict, args.config, args.workdir)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) else 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import UNetConfig, check_divisible, timestep_frequencies
-from .diffusion import beta_schedule
+from .diffusion import beta_schedule, sampling_timesteps
 
 
 class ResidualBlock(nn.Module):
@@ -255,6 +255,36 @@ def diffusion_loss(model, abar, x0, t, noise, y=None, context=None, prediction="
     abar_t = abar[t].view(-1, *([1] * (x0.ndim - 1)))
     target = noise if prediction == "epsilon" else abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0
     return ((output - target) ** 2).mean()
+
+
+def _x0_and_noise(abar_t, x_t, output, prediction):
+    if prediction == "epsilon":
+        x0 = (x_t - (1 - abar_t).sqrt() * output) / abar_t.sqrt()
+    else:
+        x0 = abar_t.sqrt() * x_t - (1 - abar_t).sqrt() * output
+    x0 = x0.clamp(-1.0, 1.0)
+    return x0, (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+
+
+@torch.no_grad()
+def ddim_sample(model, abar, x_T, num_steps, y=None, context=None, prediction="epsilon", guidance_scale=1.0):
+    """Deterministic DDIM (eta = 0) from x_T, step for step diffusion.sample; guidance as sampling.py."""
+    steps = sampling_timesteps(abar.shape[0], num_steps).tolist()
+    x = x_T
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        batch_t = torch.full((x.shape[0],), t, dtype=torch.long)
+        if y is not None and model.config.num_classes is not None and guidance_scale != 1.0:
+            null = torch.full_like(y, model.config.num_classes)
+            both = model(torch.cat([x, x]), torch.cat([batch_t, batch_t]), torch.cat([y, null]),
+                         None if context is None else torch.cat([context, context]))
+            cond, uncond = both.chunk(2)
+            output = uncond + guidance_scale * (cond - uncond)
+        else:
+            output = model(x, batch_t, y, context)
+        x0, noise = _x0_and_noise(abar[t], x, output, prediction)
+        abar_prev = abar[t_prev] if t_prev >= 0 else torch.tensor(1.0)
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * noise
+    return x
 
 
 def load_numpy_state_dict(module: nn.Module, arrays) -> nn.Module:

@@ -5,6 +5,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import diffusion
 from .config import UNetConfig
@@ -30,13 +32,46 @@ def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scal
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "shape", "num_steps", "guidance_scale", "schedule_name",
-                                             "timesteps", "prediction"))
+                                             "timesteps", "prediction", "batch_sharding"))
 def generate(params, key: jax.Array, labels: jax.Array | None, *, model_config: UNetConfig,
              shape: tuple[int, ...], num_steps: int, eta: float = 0.0, guidance_scale: float = 1.0,
-             schedule_name: str = "linear", timesteps: int = 1000, prediction: str = "epsilon") -> jax.Array:
-    """Samples in [-1, 1], NHWC, from noise drawn with `key`: the same key gives the same images."""
+             schedule_name: str = "linear", timesteps: int = 1000, prediction: str = "epsilon",
+             batch_sharding: NamedSharding | None = None) -> jax.Array:
+    """Samples in [-1, 1], NHWC, from noise drawn with `key`: the same key gives the same images.
+
+    With `batch_sharding` the batch is split over its devices (XLA partitions the whole loop)."""
     noise_key, step_key = jax.random.split(key)
     x_T = jax.random.normal(noise_key, shape, jnp.float32)
+    if batch_sharding is not None:
+        x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     denoise = guided_denoiser(UNet(model_config), params, labels, guidance_scale)
     schedule = diffusion.make_schedule(schedule_name, timesteps)
     return diffusion.sample(denoise, schedule, x_T, step_key, num_steps, eta, prediction)
+
+
+def sample_images(params, config, num_samples: int, labels: np.ndarray | None, num_steps: int, eta: float,
+                  guidance_scale: float, seed: int, batch_size: int, progress: bool = False) -> np.ndarray:
+    """`num_samples` uint8 NHWC images from a TrainConfig's model, in batches; batch i draws from
+    fold_in(PRNGKey(seed), i * batch_size), so a seed always gives the same images."""
+    from tqdm import tqdm
+
+    from .input_pipeline import to_uint8
+
+    m = config.model
+    images = []
+    starts = range(0, num_samples, batch_size)
+    devices = jax.device_count()
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    if devices > 1:
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+    for start in tqdm(starts, unit="batch", disable=not progress or len(starts) == 1):
+        count = min(batch_size, num_samples - start)
+        # Spread the batch over the devices where it divides evenly; the images do not change.
+        sharding = NamedSharding(mesh, P("data")) if devices > 1 and count % devices == 0 else None
+        batch_labels = None if labels is None else jnp.asarray(labels[start:start + count])
+        out = generate(params, jax.random.fold_in(jax.random.PRNGKey(seed), start), batch_labels, model_config=m,
+                       shape=(count, m.image_size, m.image_size, m.in_channels), num_steps=num_steps, eta=eta,
+                       guidance_scale=guidance_scale, schedule_name=config.noise_schedule,
+                       timesteps=config.timesteps, prediction=config.prediction, batch_sharding=sharding)
+        images.append(to_uint8(out))
+    return np.concatenate(images)
