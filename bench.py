@@ -228,7 +228,7 @@ def run(args) -> dict:
             run_result["jax_mfu"] = None if peak is None else jax_step.flops / jax_s / peak
             run_result["jax_peak_bytes"] = device.memory_stats().get("peak_bytes_in_use")
             run_result["torch_peak_bytes"] = torch.cuda.max_memory_allocated()
-        if dtype == "float32":
+        if dtype == "float32" and args.sampling:
             run_result.update(sampling_throughput(config, jax_step.params_host, torch_steps[variants[0]].raw_model,
                                                   device, torch_device))
         result["runs"][dtype] = run_result
@@ -247,6 +247,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 20 CPU, 200 GPU)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-sampling", dest="sampling", action="store_false",
+                        help="skip the sampling measurement (64 images x 50 DDIM steps: minutes for cifar10 on a CPU)")
     args = parser.parse_args(argv)
     result = run(args)
     if args.json:

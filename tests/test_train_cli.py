@@ -266,3 +266,26 @@ def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
     result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "export", "--workdir", str(uninterrupted[0]),
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "exists" in result.stderr and out.read_text() == "precious"
+
+
+def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
+    """The signal a cluster sends before preemption: finish the step, save, print the summary, exit 0."""
+    import signal
+    import time
+
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *TINY,
+                             "--steps", "100000", "--save-every", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
+    deadline = time.time() + 300
+    while not (tmp_path / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert time.time() - sent < 30
+    stopped = json.loads(out.strip().splitlines()[-1])
+    assert stopped["step"] >= 2 and (tmp_path / "checkpoints" / str(stopped["step"])).is_dir()
+    resumed = summary(run_train(tmp_path, "--steps", str(stopped["step"] + 2)))
+    assert resumed["resumed_from"] == stopped["step"]
