@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance (default: the training config's)")
     parser.add_argument("--labels", default=None,
-                        help="comma-separated class labels, cycled to --num-samples (default: every class in turn)")
+                        help="comma-separated class labels, cycled to --num-samples (default: every class, a row each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -50,8 +50,9 @@ def sample_labels(args, num_classes: int | None) -> np.ndarray | None:
         if args.labels is not None:
             raise ValueError("--labels given, but this model is unconditional (trained without --class-conditional)")
         return None
-    if args.labels is None:
-        return np.arange(args.num_samples, dtype=np.int32) % num_classes
+    if args.labels is None:  # every class in turn, one row of the grid each
+        per_class = -(-args.num_samples // num_classes)
+        return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)[:args.num_samples]
     try:
         asked = [int(v) for v in args.labels.split(",") if v.strip()]
     except ValueError:
@@ -84,7 +85,7 @@ def run(args) -> dict:
     out_path = Path(args.out) if args.out else Path(args.workdir) / "samples_sample.png"
     columns = None
     if labels is not None and args.labels is None:
-        columns = model.num_classes
+        columns = -(-args.num_samples // model.num_classes)
     save_grid(images, out_path, columns)
     result = {"step": step, "num_samples": len(images), "sampler": args.sampler, "sampling_steps": num_steps,
               "eta": eta, "guidance_scale": guidance if labels is not None else None, "ema": not args.no_ema,

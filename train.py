@@ -94,6 +94,31 @@ class MetricsLog:
             self.writer.close()
 
 
+def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract) -> tuple[int, dict, dict]:
+    """(step, state, data state) of the newest checkpoint that restores. One that does not is renamed
+    N.damaged, kept, and named in a warning; if none restores, the run stops rather than start over."""
+    for step in reversed(checkpoints.all_steps()):
+        try:
+            saved_config = checkpoints.read_config(step)
+        except Exception as error:  # unreadable: damaged, whatever the library raised
+            damaged = error
+        else:
+            differing = incompatible_fields(saved_config, config.to_dict())
+            if differing:
+                raise UsageError(f"cannot resume {config.workdir} (step {step}): the config differs in "
+                                 f"{', '.join(differing)}")
+            try:
+                saved, data_state = checkpoints.restore(step, abstract)
+                return step, saved, data_state
+            except Exception as error:
+                damaged = error
+        kept = checkpoints.set_aside(step)
+        print(f"warning: checkpoint step {step} is damaged ({type(damaged).__name__}: "
+              f"{str(damaged).splitlines()[0][:200]}); kept as {kept}, trying the previous one", file=sys.stderr)
+    raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
+                        f"as *.damaged); move them away to start afresh")
+
+
 def train(args) -> dict:
     start = time.time()
     config = config_from_args(args)
@@ -118,28 +143,25 @@ def train(args) -> dict:
     if latest is not None and not config.resume:
         raise TrainingError(f"{workdir} holds checkpoints up to step {latest} and --no-resume was given: "
                             f"use another --workdir (nothing was changed)")
-    if latest is not None:
-        differing = incompatible_fields(checkpoints.read_config(latest), config.to_dict())
-        if differing:
-            raise UsageError(f"cannot resume {workdir} (step {latest}): the config differs in "
-                             f"{', '.join(differing)}")
-        if config.steps <= latest:
-            print(f"{workdir} is already at step {latest} >= --steps {config.steps}: nothing to train, "
-                  f"nothing overwritten", file=sys.stderr)
-            return {**summary, "wall_s": round(time.time() - start, 2)}
-        summary["resumed_from"] = latest
 
     parallel = training.Parallel(config.parallel, training.make_train_step(config), config.batch_size)
     init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     abstract = jax.eval_shape(lambda: {"train_state": training.create_train_state(config, init_key),
                                        "rng": step_rng})
-    if latest is None:
+    abstract = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated), abstract)
+    restored = restore_newest_good(checkpoints, config, abstract) if latest is not None else None
+    if restored is None:
         saved = {"train_state": training.create_train_state(config, init_key), "rng": step_rng}
         data_state = None
     else:
-        abstract = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated), abstract)
-        saved, data_state = checkpoints.restore(latest, abstract)
+        latest, saved, data_state = restored
+        summary["step"] = latest
+        if config.steps <= latest:
+            print(f"{workdir} is already at step {latest} >= --steps {config.steps}: nothing to train, "
+                  f"nothing overwritten", file=sys.stderr)
+            return {**summary, "wall_s": round(time.time() - start, 2)}
+        summary["resumed_from"] = latest
     state = parallel.put_state(saved["train_state"])
     rng = jnp.asarray(training.local_value(saved["rng"]))
 

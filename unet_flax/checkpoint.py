@@ -43,6 +43,20 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def set_aside(self, step: int) -> Path:
+        """Rename a damaged step directory out of orbax's sight (kept for inspection, never deleted)."""
+        source = self.directory / str(step)
+        target = self.directory / f"{step}.damaged"
+        suffix = 1
+        while target.exists():
+            target, suffix = self.directory / f"{step}.damaged{suffix}", suffix + 1
+        source.rename(target)
+        self.manager.reload()
+        return target
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
