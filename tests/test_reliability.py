@@ -52,3 +52,55 @@ def test_all_checkpoints_damaged_stops_and_keeps_them(trained, tmp_path):
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if "damaged" in p.name) == \
         ["2.damaged", "4.damaged"]
+
+
+def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
+    """SIGKILL during checkpoint writes and between steps: each restart resumes from the newest complete
+    checkpoint, every checkpoint left restores, and the end equals the uninterrupted run bit for bit."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train_cli import ROOT, TINY, assert_bit_identical, params_at
+
+    flags = [*TINY, "--steps", "6", "--save-every", "1"]
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    checkpoints = tmp_path / "checkpoints"
+
+    def steps_saved():
+        return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
+
+    kills = []
+    while len(kills) < 5:
+        before = steps_saved()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *flags],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, cwd=ROOT)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            writing = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
+            if (not kills and writing) or (kills and steps_saved() != before):
+                proc.send_signal(signal.SIGKILL)
+                kills.append("during a checkpoint write" if writing else f"after step {steps_saved()[-1]}")
+                break
+            time.sleep(0.02)
+        proc.wait()
+        if proc.returncode == 0:  # finished before it could be killed
+            break
+        restarted_from = steps_saved()
+        assert not before or restarted_from[-1] >= before[-1]
+    assert len(kills) == 5 and kills[0] == "during a checkpoint write", kills
+    newest = steps_saved()[-1]
+    final = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *flags],
+                           capture_output=True, text=True, env=environment, cwd=ROOT)
+    assert final.returncode == 0, final.stderr[-2000:]
+    for step in steps_saved():  # nothing left behind that fails to restore
+        params_at(tmp_path, step)
+
+    reference = tmp_path.parent / "never-killed"
+    run_train(reference, "--steps", "6", "--save-every", "1")
+    assert_bit_identical(params_at(tmp_path, 6), params_at(reference, 6))
+    finished = json.loads(final.stdout.strip().splitlines()[-1])
+    assert finished["step"] == 6 and finished["resumed_from"] == newest
