@@ -104,3 +104,13 @@ def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
     assert_bit_identical(params_at(tmp_path, 6), params_at(reference, 6))
     finished = json.loads(final.stdout.strip().splitlines()[-1])
     assert finished["step"] == 6 and finished["resumed_from"] == newest
+
+
+def test_skip_nonfinite_counts_the_skipped_steps(tmp_path):
+    """With --skip-nonfinite a NaN/inf step changes nothing but is counted; the run finishes."""
+    import json
+    result = run_train(tmp_path, "--steps", "4", "--save-every", "2", "--lr", "1e30", "--warmup-steps", "0",
+                       "--grad-clip", "0", "--skip-nonfinite")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["nonfinite_total"] >= 1
+    assert summary(result)["step"] == 4

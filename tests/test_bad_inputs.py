@@ -1,0 +1,113 @@
+"""Bad input across train.py, sample.py, evaluate.py and the convert CLI: a one-line message naming the
+bad value, exit code 2 for usage errors and 1 for failures, no traceback (unless --debug), and nothing
+in the workdir overwritten or deleted."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_train_cli import ROOT, TINY, run_train
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+def run(script, *args):
+    command = [sys.executable, "-m", "unet_flax.convert", *args] if script == "convert" else \
+        [sys.executable, str(ROOT / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+
+
+def snapshot(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    trained = root / "trained"
+    run_train(trained, "--steps", "2", "--save-every", "2")
+    (root / "empty").mkdir()
+    truncated = root / "truncated"
+    truncated.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(truncated / "ok.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(truncated / "cut.png")
+    (truncated / "cut.png").write_bytes((truncated / "cut.png").read_bytes()[:100])
+    np.savez(root / "no_images.npz", pictures=np.zeros((4, 8, 8, 1), np.uint8))
+    np.savez(root / "float.npz", images=np.zeros((4, 8, 8, 1), np.float32))
+    np.savez(root / "rank3.npz", images=np.zeros((4, 8, 8), np.uint8))
+    np.savez(root / "unlabelled.npz", images=np.zeros((8, 8, 8, 1), np.uint8))
+    export = run("convert", "export", "--workdir", str(trained), "--out", str(root / "model.pt"))
+    assert export.returncode == 0, export.stderr
+    state_dict = torch.load(root / "model.pt", weights_only=True)
+    missing = dict(state_dict)
+    del missing["conv_out.weight"]
+    torch.save(missing, root / "missing.pt")
+    torch.save({**state_dict, "extra.weight": torch.zeros(2, 2)}, root / "extra.pt")
+    torch.save({**state_dict, "conv_in.weight": torch.zeros(8, 2, 3, 3)}, root / "misshaped.pt")
+    return root
+
+
+T = "train.py"
+CASES = [
+    # (script, args, exit code, message); {root} is the fixture's folder, {w} a fresh workdir
+    (T, ["--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
+    (T, ["--preset", "imagenet"], 2, "invalid choice: 'imagenet'"),
+    (T, ["--batch-size", "6"], 2, "batch size 6 is not divisible by the 4 devices"),
+    (T, ["--image-size", "7"], 2, "image_size 7 is not divisible by 2**(levels-1) = 2"),
+    (T, ["--base-channels", "12", "--num-groups", "8"], 2, "channels (12) must be divisible by num_groups (8)"),
+    (T, ["--num-heads", "3"], 2, "channels (8) must be divisible by num_heads (3)"),
+    (T, ["--data", "{root}/nowhere"], 1, "data path '{root}/nowhere' does not exist"),
+    (T, ["--data", "{root}/empty"], 1, "{root}/empty holds no PNG or JPEG images"),
+    (T, ["--data", "{root}/truncated"], 1, "cannot read image {root}/truncated/cut.png"),
+    (T, ["--data", "{root}/no_images.npz"], 1, "has no 'images' array (found: pictures)"),
+    (T, ["--data", "{root}/float.npz"], 1, "'images' must be uint8 NHWC with 1 or 3 channels, got float32"),
+    (T, ["--data", "{root}/rank3.npz"], 1, "got uint8 with shape (4, 8, 8)"),
+    (T, ["--data", "{root}/unlabelled.npz", "--class-conditional"], 2, "--class-conditional needs labels"),
+    (T, ["--workdir", "{root}/model.pt/run"], 1, "cannot create workdir {root}/model.pt/run"),
+    ("sample.py", ["--workdir", "{root}/trained", "--labels", "3,12"], 2, "label 12 out of range"),
+    ("sample.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
+    ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2, "--num-samples must be positive, got 0"),
+    ("evaluate.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
+    ("evaluate.py", ["--workdir", "{root}/trained", "--num-samples", "1"], 2, "--num-samples must be >= 2"),
+    ("convert", ["export", "--workdir", "{root}/trained", "--out", "{root}/model.pt"], 1, "{root}/model.pt exists"),
+    ("convert", ["import", "--state-dict", "{root}/missing.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
+     2, "missing key 'conv_out.weight'"),
+    ("convert", ["import", "--state-dict", "{root}/extra.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
+     2, "unknown key 'extra.weight' with shape (2, 2)"),
+    ("convert", ["import", "--state-dict", "{root}/misshaped.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
+     2, "key 'conv_in.weight' has shape (8, 2, 3, 3), the model expects (8, 1, 3, 3)"),
+    ("convert", ["import", "--state-dict", "{root}/nowhere.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
+     1, "nowhere.pt"),
+    ("convert", ["import", "--state-dict", "{root}/model.pt", "--config", "{root}/model.json",
+                 "--workdir", "{root}/trained"], 1, "already holds checkpoints"),
+]
+
+
+@pytest.mark.parametrize("script,args,code,message", CASES, ids=[f"{c[0]} {' '.join(c[1])[:40]}" for c in CASES])
+def test_bad_input(files, tmp_path, script, args, code, message):
+    fill = {"root": str(files), "w": str(tmp_path / "w")}
+    args = [a.format(**fill) for a in args]
+    if script == T and "--workdir" not in args:
+        args = ["--workdir", str(tmp_path / "w"), *TINY, *args]
+    before = snapshot(files / "trained")
+    result = run(script, *args)
+    assert result.returncode == code, result.stderr[-2000:]
+    assert message.format(**fill) in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert snapshot(files / "trained") == before
+
+
+def test_resume_with_another_model_config_changes_nothing(files):
+    before = snapshot(files / "trained")
+    result = run(T, "--workdir", str(files / "trained"), *TINY, "--steps", "4", "--base-channels", "16")
+    assert result.returncode == 2 and "model.base_channels (8 -> 16)" in result.stderr
+    assert snapshot(files / "trained") == before
+
+
+def test_debug_shows_the_traceback(files, tmp_path):
+    result = run(T, "--workdir", str(tmp_path / "w"), *TINY, "--data", str(files / "nowhere"), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr and "DataError" in result.stderr
