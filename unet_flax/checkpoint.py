@@ -9,7 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+from .configs import TrainConfig
+from .training import create_train_state
 
 # Fields that may not change on resume: they define the network, or which batches and noise
 # the remaining steps see. Learning rate, steps, logging, dtype and the driver may change.
@@ -81,11 +85,6 @@ def _normalise(value: Any) -> Any:
 
 def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> tuple[Any, dict, int]:
     """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on one device."""
-    import jax
-
-    from .configs import TrainConfig
-    from .training import create_train_state
-
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint in {directory}: train first, or pass the --workdir that holds one")

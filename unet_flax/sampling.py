@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tqdm import tqdm
+
 from . import diffusion
+from .input_pipeline import to_uint8
 from .config import UNetConfig
 from .model import UNet
 
@@ -53,10 +56,6 @@ def sample_images(params, config, num_samples: int, labels: np.ndarray | None, n
                   guidance_scale: float, seed: int, batch_size: int, progress: bool = False) -> np.ndarray:
     """`num_samples` uint8 NHWC images from a TrainConfig's model, in batches; batch i draws from
     fold_in(PRNGKey(seed), i * batch_size), so a seed always gives the same images."""
-    from tqdm import tqdm
-
-    from .input_pipeline import to_uint8
-
     m = config.model
     images = []
     starts = range(0, num_samples, batch_size)
