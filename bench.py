@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from unet_flax import diffusion, reference, training
+from unet_flax import reference, training
 from unet_flax.configs import PRESETS, TrainConfig
 from unet_flax.convert import flax_to_torch
 from unet_flax.sampling import generate

@@ -22,6 +22,7 @@ import numpy as np
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_params
+from unet_flax.cli import run_command
 from unet_flax.configs import TrainConfig
 from unet_flax.sampling import sample_images
 
@@ -67,7 +68,7 @@ def evaluate(args) -> dict:
 
     fd = evaluation.frechet_distance(sample_features, held_out_features)
     floor = evaluation.frechet_distance(train_features, held_out_features)
-    return {
+    result = {
         "fd": round(fd, 4), "fd_real_floor": round(floor, 4), "fd_ratio": round(fd / floor, 3),
         "class_agreement": None if labels is None else float(np.mean(sample_predictions == labels)),
         "classifier_held_out_accuracy": float(np.mean(held_out_predictions == held_out.labels)),
@@ -75,22 +76,15 @@ def evaluate(args) -> dict:
                      "sampling_steps": args.sampling_steps, "eta": args.eta,
                      "guidance_scale": None if labels is None else guidance, "seed": args.seed, "ema": True},
     }
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     absl.logging.set_verbosity(absl.logging.ERROR)
-    try:
-        result = evaluate(args)
-    except (ValueError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
-    return 0
+    return run_command(evaluate, args)
 
 
 if __name__ == "__main__":

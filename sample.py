@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 
 from unet_flax.checkpoint import load_params
+from unet_flax.cli import run_command
 from unet_flax.configs import TrainConfig
 from unet_flax.sampling import sample_images
 from unet_flax.visualize import save_grid
@@ -100,15 +100,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's notes on opening a checkpoint read-only
-    try:
-        result = run(args)
-    except (ValueError, FileNotFoundError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
-    print(json.dumps(result))
-    return 0
+    return run_command(run, args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 
 from unet_flax import input_pipeline, training
 from unet_flax.checkpoint import Checkpoints, incompatible_fields
+from unet_flax.cli import run_command
 from unet_flax.configs import TrainConfig, build_parser, config_from_args
 from unet_flax.sampling import generate
 from unet_flax.visualize import save_grid, save_loss_curve
@@ -252,15 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache = os.environ.get("UNET_FLAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "unet_flax" / "xla"))
     jax.config.update("jax_compilation_cache_dir", cache)  # a second run does not compile again
-    try:
-        summary = train(args)
-    except (UsageError, TrainingError, input_pipeline.DataError, ValueError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1 if isinstance(error, (TrainingError, input_pipeline.DataError)) else 2
-    print(json.dumps(summary))
-    return 0
+    return run_command(train, args, (TrainingError, input_pipeline.DataError))
 
 
 if __name__ == "__main__":

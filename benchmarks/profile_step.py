@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python benchmarks/profile_step.py
 """
-import time, statistics, jax, jax.numpy as jnp, numpy as np, torch, dataclasses
+import time, statistics, jax, jax.numpy as jnp, numpy as np, torch
 import bench
 from unet_flax import UNet, reference
 from unet_flax.convert import flax_to_torch

@@ -99,6 +99,7 @@ def test_bad_input(files, tmp_path, script, args, code, message):
     assert message.format(**fill) in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert snapshot(files / "trained") == before
+    assert not (tmp_path / "w" / "checkpoints").exists() or script == T  # a refused import creates nothing
 
 
 def test_resume_with_another_model_config_changes_nothing(files):

@@ -204,17 +204,17 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
     fields = json.loads(Path(config_path).read_text())
     config = (TrainConfig.from_dict(fields) if "model" in fields
               else dataclasses.replace(PRESETS["digits"], model=UNetConfig.from_dict(fields), workdir=workdir))
+    state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+    if (Path(workdir) / "checkpoints").exists() and any((Path(workdir) / "checkpoints").iterdir()):
+        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
+    # Every check (keys, shapes) before the workdir is created: a bad file leaves nothing behind.
+    fresh = create_train_state(config, jax.random.PRNGKey(config.seed))
+    params = torch_to_flax(state_dict, fresh.params)
+    state = fresh.replace(params=params, ema_params=params, opt_state=make_optimizer(config).init(params))
+    _, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     checkpoints = Checkpoints(workdir)
     try:
-        if checkpoints.latest_step() is not None:
-            raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
-        state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
-        fresh = create_train_state(config, jax.random.PRNGKey(config.seed))
-        params = torch_to_flax(state_dict, fresh.params)
-        state = fresh.replace(params=params, ema_params=params, opt_state=make_optimizer(config).init(params))
-        _, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-        data_state = {"next_index": 0}
-        checkpoints.save(0, {"train_state": state, "rng": step_rng}, data_state, config.to_dict())
+        checkpoints.save(0, {"train_state": state, "rng": step_rng}, {"next_index": 0}, config.to_dict())
         checkpoints.wait()
     finally:
         checkpoints.close()
@@ -223,8 +223,9 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
-    import sys
+    import pickle
+
+    from .cli import run_command
 
     parser = argparse.ArgumentParser(prog="python -m unet_flax.convert",
                                      description="Move U-Net weights between orbax checkpoints and PyTorch.")
@@ -240,18 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--workdir", required=True)
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    try:
+
+    def convert(args):
         if args.command == "export":
-            result = export_checkpoint(args.workdir, args.out, args.step, not args.no_ema)
-        else:
-            result = import_state_dict(args.state_dict, args.config, args.workdir)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ValueError) else 1
-    print(json.dumps(result))
-    return 0
+            return export_checkpoint(args.workdir, args.out, args.step, not args.no_ema)
+        return import_state_dict(args.state_dict, args.config, args.workdir)
+    # A .pt file torch cannot unpickle raises RuntimeError or pickle's errors: a failure, not a usage error.
+    return run_command(convert, args, (FileNotFoundError, FileExistsError, RuntimeError, pickle.UnpicklingError))
 
 
 if __name__ == "__main__":
