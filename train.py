@@ -19,9 +19,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from unet_flax import input_pipeline, training
-from unet_flax.checkpoint import Checkpoints, incompatible_fields
+from unet_flax.checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields
 from unet_flax.cli import run_command
 from unet_flax.configs import TrainConfig, build_parser, config_from_args
 from unet_flax.sampling import generate
@@ -146,13 +147,11 @@ def train(args) -> dict:
                             f"use another --workdir (nothing was changed)")
 
     parallel = training.Parallel(config.parallel, training.make_train_step(config), config.batch_size)
-    init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    abstract = jax.eval_shape(lambda: {"train_state": training.create_train_state(config, init_key),
-                                       "rng": step_rng})
-    abstract = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.replicated), abstract)
-    restored = restore_newest_good(checkpoints, config, abstract) if latest is not None else None
+    restored = None
+    if latest is not None:
+        restored = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.replicated))
     if restored is None:
+        init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
         saved = {"train_state": training.create_train_state(config, init_key), "rng": step_rng}
         data_state = None
     else:
@@ -177,8 +176,7 @@ def train(args) -> dict:
         checkpoints.save(step, canonical, batches.get_state(), config.to_dict())
 
     def ema_params():
-        ema = parallel.canonical_state(state).ema_params
-        return jax.tree_util.tree_map(training.local_value, ema)
+        return parallel.host_state(state.ema_params)
 
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
@@ -243,8 +241,7 @@ def train(args) -> dict:
     return summary
 
 
-def _progress(initial: int, total: int, enabled: bool):
-    from tqdm import tqdm
+def _progress(initial: int, total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 

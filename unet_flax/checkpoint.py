@@ -83,6 +83,13 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def abstract_checkpoint(config: TrainConfig, sharding: jax.sharding.Sharding) -> dict:
+    """The shape of what train.py saves ({'train_state', 'rng'}), placed by `sharding`, to restore into."""
+    abstract = jax.eval_shape(lambda: {"train_state": create_train_state(config, jax.random.PRNGKey(0)),
+                                       "rng": jax.random.PRNGKey(0)})
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+
+
 def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> tuple[Any, dict, int]:
     """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on one device."""
     directory = Path(workdir).absolute() / "checkpoints"
@@ -100,13 +107,8 @@ def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) 
             raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoints.directory} "
                                     f"(steps: {', '.join(map(str, sorted(steps)))})")
         config = checkpoints.read_config(step)
-        train_config = TrainConfig.from_dict(config)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = jax.eval_shape(lambda: {"train_state": create_train_state(train_config, jax.random.PRNGKey(0)),
-                                           "rng": jax.random.PRNGKey(0)})
-        abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                                          abstract)
-        state, _ = checkpoints.restore(step, abstract)
+        state, _ = checkpoints.restore(step, abstract_checkpoint(TrainConfig.from_dict(config), device))
     finally:
         checkpoints.close()
     train_state = state["train_state"]

@@ -177,10 +177,15 @@ class Parallel:
             return jax.device_put(jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (n, *x.shape)), host), local)
         return jax.tree_util.tree_map(self.replicate, host)
 
+    def host_state(self, state: Any) -> Any:
+        """The driver's layout -> numpy, one copy (read from this process's first device)."""
+        read = (lambda x: np.asarray(first_replica(x))) if self.kind == "pmap" else local_value
+        return jax.tree_util.tree_map(read, state)
+
     def canonical_state(self, state: Any) -> Any:
         """The driver's layout -> replicated global arrays (what orbax saves from every process)."""
         if self.kind == "pmap":
-            return jax.tree_util.tree_map(lambda x: self.replicate(np.asarray(first_replica(x))), state)
+            return jax.tree_util.tree_map(self.replicate, self.host_state(state))
         return state
 
     def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
