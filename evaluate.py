@@ -22,7 +22,7 @@ import numpy as np
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_params
-from unet_flax.cli import run_command
+from unet_flax.cli import run_command, use_xla_cpu_convolutions
 from unet_flax.configs import TrainConfig
 from unet_flax.sampling import sample_images
 
@@ -83,6 +83,7 @@ def evaluate(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    use_xla_cpu_convolutions()
     absl.logging.set_verbosity(absl.logging.ERROR)
     return run_command(evaluate, args)
 

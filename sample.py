@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from unet_flax.checkpoint import load_params
-from unet_flax.cli import run_command
+from unet_flax.cli import run_command, use_xla_cpu_convolutions
 from unet_flax.configs import TrainConfig
 from unet_flax.sampling import sample_images
 from unet_flax.visualize import save_grid
@@ -99,6 +99,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    use_xla_cpu_convolutions()
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's notes on opening a checkpoint read-only
     return run_command(run, args)
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from unet_flax import input_pipeline, training
 from unet_flax.checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields
-from unet_flax.cli import run_command
+from unet_flax.cli import run_command, use_xla_cpu_convolutions
 from unet_flax.configs import TrainConfig, build_parser, config_from_args
 from unet_flax.sampling import generate
 from unet_flax.visualize import save_grid, save_loss_curve
@@ -248,6 +248,7 @@ def _progress(initial: int, total: int, enabled: bool) -> tqdm:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser(__doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
+    use_xla_cpu_convolutions()
     cache = os.environ.get("UNET_FLAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "unet_flax" / "xla"))
     jax.config.update("jax_compilation_cache_dir", cache)  # a second run does not compile again
     return run_command(train, args, (TrainingError, input_pipeline.DataError))

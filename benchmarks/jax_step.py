@@ -10,6 +10,6 @@ import jax
 import bench
 
 config = bench.bench_config(sys.argv[1] if len(sys.argv) > 1 else "digits", None, "float32")
-step = bench.JaxStep(config, jax.devices()[0])
+step = bench.JaxStep(config, jax.devices()[:1])
 times = bench.median_times(step, 3, 15)
 print(f"compile {step.compile_s:.1f}s median {statistics.median(times) * 1e3:.1f} ms")

@@ -1,41 +1,131 @@
-"""Where the train step's time goes: UNet forward and gradient, and one 3x3 convolution, JAX vs PyTorch (CPU).
+"""Where the train step's time goes, JAX (jax.profiler) and PyTorch (torch.profiler), on the CPU.
 
-    PYTHONPATH=. python benchmarks/profile_step.py
+    PYTHONPATH=. python benchmarks/profile_step.py --preset digits [--cpu-devices 2]
+
+JAX: traces a few steps, reads the trace with `jax.profiler.ProfileData` and sums the XLA:CPU
+thunks' time per kind (convolutions by direction, dots, reductions, elementwise fusions,
+transposes, collectives) over all worker threads, then prints how busy each thread was: a thread
+busy for less than the wall time is a core left idle. PyTorch: the same step's operators, self time.
 """
-import time, statistics, jax, jax.numpy as jnp, numpy as np, torch
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import statistics
+import tempfile
+
+import jax
+import torch
+from jax.profiler import ProfileData
+from torch.profiler import ProfilerActivity, profile
+
 import bench
-from unet_flax import UNet, reference
-from unet_flax.convert import flax_to_torch
-torch.set_num_threads(2)
-def tm(f, n=10):
-    f(); f()
-    ts=[]
-    for _ in range(n):
-        s=time.perf_counter(); f(); ts.append(time.perf_counter()-s)
-    return statistics.median(ts)*1e3
-config = bench.bench_config("digits", None, "float32")
-m = config.model
-model = UNet(m)
-x = np.random.randn(64, 16, 16, 1).astype(np.float32); t = np.random.randint(0,1000,64); y = np.random.randint(0,10,64)
-params = model.init(jax.random.PRNGKey(0), x, t, y)["params"]
-fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, t, y))
-grad = jax.jit(jax.grad(lambda p, x: jnp.sum(model.apply({"params": p}, x, t, y)**2)))
-print("jax fwd", tm(lambda: fwd(params, x).block_until_ready()))
-print("jax grad", tm(lambda: jax.block_until_ready(grad(params, x))))
-tmod = reference.load_numpy_state_dict(reference.UNet(m), flax_to_torch(params))
-xt = torch.from_numpy(x.transpose(0,3,1,2)); tt=torch.from_numpy(t); yt=torch.from_numpy(y)
-with torch.no_grad(): print("torch fwd", tm(lambda: tmod(xt, tt, yt)))
-def tg():
-    tmod.zero_grad(); (tmod(xt, tt, yt)**2).sum().backward()
-print("torch grad", tm(tg))
-# single conv
-for (H, C) in [(16, 32), (8, 64)]:
-    conv = jax.jit(jax.grad(lambda w, x: jnp.sum(jax.lax.conv_general_dilated(x, w, (1,1), ((1,1),(1,1)), dimension_numbers=('NHWC','HWIO','NHWC'))**2), argnums=(0,1)))
-    w = np.random.randn(3,3,C,C).astype(np.float32); xx = np.random.randn(64,H,H,C).astype(np.float32)
-    cf = jax.jit(lambda w, x: jax.lax.conv_general_dilated(x, w, (1,1), ((1,1),(1,1)), dimension_numbers=('NHWC','HWIO','NHWC')))
-    print(f"conv {H}x{H}x{C}: jax fwd", tm(lambda: cf(w, xx).block_until_ready()), "jax grad", tm(lambda: jax.block_until_ready(conv(w, xx))))
-    c = torch.nn.Conv2d(C, C, 3, padding=1); xt2 = torch.randn(64, C, H, H, requires_grad=True)
-    with torch.no_grad(): print("   torch fwd", tm(lambda: c(xt2)))
-    def g():
-        c.zero_grad(); xt2.grad=None; (c(xt2)**2).sum().backward()
-    print("   torch grad", tm(g))
+
+TRACED_STEPS = 5
+
+
+def fusion_contents(hlo_text: str) -> dict[str, str]:
+    """Thunk name -> what it computes, from the optimised HLO: 'conv forward', 'conv weight-grad', ..."""
+    bodies, called, current = {}, {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^%?([\w.\-]+) .*\{$", line)
+        if header:
+            current = header.group(1)
+            bodies[current] = []
+        elif current is not None:
+            bodies[current].append(line)
+        call = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .* fusion\(.*calls=%?([\w.\-]+)", line)
+        if call:
+            called[call.group(1)] = call.group(2)
+    kinds = {}
+    for name, computation in called.items():
+        body = "\n".join(bodies.get(computation, []))
+        conv = re.search(r"= f32\[\d+,(\d+),(\d+),\d+\]\S* convolution\(.*window=\{size=(\d+)x(\d+)", body)
+        if conv:
+            # A weight gradient is a convolution whose window spans the activations and whose
+            # output is kernel-sized.
+            out_h, out_w, window_h, window_w = map(int, conv.groups())
+            weight_grad = window_h * window_w > out_h * out_w
+            kinds[name] = "convolution, weight gradient" if weight_grad else "convolution, forward / input gradient"
+        elif " dot(" in body:
+            kinds[name] = "dot (attention, linear layers)"
+        elif " reduce(" in body:
+            kinds[name] = "reduction (GroupNorm statistics, sums)"
+        elif " transpose(" in body:
+            kinds[name] = "transpose / layout copy"
+        else:
+            kinds[name] = "elementwise fusion"
+    return kinds
+
+
+def profile_jax(config, devices: list):
+    """Prints the breakdown; returns the initial parameters, for PyTorch to start from the same ones."""
+    step = bench.JaxStep(config, devices)
+    wall = statistics.median(bench.median_times(step, 3, 10))
+    kinds = fusion_contents(step.compiled.as_text())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(TRACED_STEPS):
+            step()
+        jax.profiler.stop_trace()
+        trace = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    by_kind, by_thread = collections.Counter(), collections.Counter()
+    for plane in trace.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):
+                continue
+            for event in line.events:
+                if event.name.startswith(("ThunkExecutor", "end:")):
+                    continue
+                base = re.sub(r"\.\d+$", "", event.name)
+                kind = kinds.get(event.name) or {"all-reduce": "all-reduce (gradients)", "copy": "copy"}.get(
+                    base, "other (waits, loops, small ops)")
+                by_kind[kind] += event.duration_ns
+                by_thread[line.name] += event.duration_ns
+    per_step = 1e6 * TRACED_STEPS
+    print(f"JAX, {len(devices)} device(s): step {wall * 1e3:.1f} ms wall (median of 10)")
+    for kind, ns in by_kind.most_common():
+        print(f"  {ns / per_step:8.1f} ms  {kind}")
+    print(f"  {sum(by_kind.values()) / per_step:8.1f} ms  all thunks, summed over threads")
+    for thread, ns in sorted(by_thread.items()):
+        print(f"  thread {thread}: busy {ns / per_step:.1f} ms of {wall * 1e3:.1f}")
+    return step.params_host
+
+
+def profile_torch(config, params_host) -> None:
+    torch.set_num_threads(os.cpu_count())
+    step = bench.TorchStep(config, params_host, "cpu", "eager")
+    wall = statistics.median(bench.median_times(step, 3, 10))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(TRACED_STEPS):
+            step()
+    by_kind = collections.Counter()
+    for event in prof.key_averages():
+        name = event.key
+        kind = ("convolution (forward)" if name == "aten::mkldnn_convolution" else
+                "convolution (backward)" if name == "aten::convolution_backward" else
+                "bmm / mm (attention, linear layers)" if name in ("aten::bmm", "aten::mm", "aten::addmm") else
+                "optimizer" if "Optimizer" in name or name.startswith("aten::_foreach") else "other operators")
+        by_kind[kind] += event.self_cpu_time_total
+    print(f"PyTorch eager, {torch.get_num_threads()} threads: step {wall * 1e3:.1f} ms wall (median of 10)")
+    for kind, us in by_kind.most_common():
+        print(f"  {us / 1e3 / TRACED_STEPS:8.1f} ms  {kind}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="digits")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--cpu-devices", type=int, default=1, help="JAX CPU devices, the batch split over them")
+    args = parser.parse_args()
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    config = bench.bench_config(args.preset, args.batch_size, "float32")
+    params_host = profile_jax(config, jax.devices("cpu"))
+    profile_torch(config, params_host)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,4 @@
-"""Bad input across train.py, sample.py, evaluate.py and the convert CLI: a one-line message naming the
+"""Bad input across train.py, sample.py, evaluate.py, bench.py and the convert CLI: a one-line message naming the
 bad value, exit code 2 for usage errors and 1 for failures, no traceback (unless --debug), and nothing
 in the workdir overwritten or deleted."""
 import os
@@ -73,6 +73,8 @@ CASES = [
     ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2, "--num-samples must be positive, got 0"),
     ("evaluate.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
     ("evaluate.py", ["--workdir", "{root}/trained", "--num-samples", "1"], 2, "--num-samples must be >= 2"),
+    ("bench.py", ["--cpu-devices", "0"], 2, "--cpu-devices must be >= 1, got 0"),
+    ("bench.py", ["--steps", "0"], 2, "--steps must be >= 1, got 0"),
     ("convert", ["export", "--workdir", "{root}/trained", "--out", "{root}/model.pt"], 1, "{root}/model.pt exists"),
     ("convert", ["import", "--state-dict", "{root}/missing.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
      2, "missing key 'conv_out.weight'"),

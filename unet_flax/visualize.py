@@ -41,3 +41,27 @@ def save_loss_curve(steps: list[int], losses: list[float], path: str | Path, siz
         draw.text((width - margin - 60, height - 16), f"step {steps[-1]}", fill="black")
     draw.rectangle([margin, margin, width - margin, height - margin], outline="gray")
     image.save(path)
+
+
+def save_bar_chart(groups: list[tuple[str, list[tuple[str, float]]]], path: str | Path, unit: str,
+                   bar_width: int = 420) -> None:
+    """Horizontal bars, one titled group each: [(title, [(label, value), ...]), ...]; each group is
+    scaled to its own largest value, which sets the bar width, and every bar is labelled with its value."""
+    label_width, row, margin = 190, 22, 12
+    height = margin + sum(row * (len(bars) + 1) + margin for _, bars in groups)
+    image = Image.new("RGB", (label_width + bar_width + 120, height), "white")
+    draw = ImageDraw.Draw(image)
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    y = margin
+    for title, bars in groups:
+        draw.text((margin, y + 4), title, fill="black")
+        y += row
+        top = max(value for _, value in bars) or 1.0
+        for i, (label, value) in enumerate(bars):
+            length = int(bar_width * value / top)
+            draw.text((margin + 8, y + 4), label, fill="black")
+            draw.rectangle([label_width, y + 2, label_width + max(length, 1), y + row - 4], fill=palette[i % len(palette)])
+            draw.text((label_width + length + 6, y + 4), f"{value:.1f} {unit}", fill="black")
+            y += row
+        y += margin
+    image.save(path)
