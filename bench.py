@@ -220,7 +220,7 @@ def run(args) -> dict:
     result = {"preset": args.preset, "device": args.device, "device_kind": device.device_kind,
               "batch_size": None, "steps": steps, "machine": platform.machine(), "cpu_count": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
-              "python": platform.python_version(), "runs": {}}
+              "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}}
     for dtype in precisions:
         config = bench_config(args.preset, args.batch_size, dtype)
         result["batch_size"] = config.batch_size
