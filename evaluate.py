@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 import absl.logging
-import jax
 import numpy as np
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_params
 from unet_flax.cli import run_command, use_xla_cpu_convolutions
 from unet_flax.configs import TrainConfig
-from unet_flax.sampling import sample_images
+from unet_flax.sampling import for_this_backend, sample_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,8 +50,7 @@ def evaluate(args) -> dict:
     if config.data is not None or config.model.in_channels != 1:
         raise ValueError(f"evaluate.py measures models of the digits data; {args.workdir} was trained on "
                          f"{config.data!r}")
-    if jax.default_backend() == "cpu":
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, dtype="float32"))
+    config = dataclasses.replace(config, model=for_this_backend(config.model))
     image_size = config.model.image_size
     guidance = config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     num_classes = config.model.num_classes

@@ -12,13 +12,12 @@ import sys
 from pathlib import Path
 
 import absl.logging
-import jax
 import numpy as np
 
 from unet_flax.checkpoint import load_params
 from unet_flax.cli import run_command, use_xla_cpu_convolutions
 from unet_flax.configs import TrainConfig
-from unet_flax.sampling import sample_images
+from unet_flax.sampling import for_this_backend, sample_images
 from unet_flax.visualize import save_grid
 
 
@@ -70,8 +69,7 @@ def run(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     params, config_dict, step = load_params(args.workdir, args.step, ema=not args.no_ema)
     config = TrainConfig.from_dict(config_dict)
-    model = dataclasses.replace(config.model, dtype="float32" if jax.default_backend() == "cpu"
-                                else config.model.dtype)
+    model = for_this_backend(config.model)
     labels = sample_labels(args, model.num_classes)
     num_steps, eta = (config.timesteps, 1.0) if args.sampler == "ddpm" else (args.sampling_steps, args.eta)
     if num_steps > config.timesteps:

@@ -1,4 +1,10 @@
-"""Test set-up: 4 fake CPU devices, float32 at the highest matmul precision on both sides."""
+"""Test set-up: 4 fake CPU devices, float32 at the highest matmul precision on both sides.
+
+`python -m pytest` runs everything on the CPU, also on a machine with a GPU: comparisons with
+PyTorch at float32 need JAX's CPU backend, and train.py's GPU default (bfloat16) would change
+what the subprocess tests compare. `python -m pytest --gpu` runs the tests marked `gpu` with JAX
+on the GPU: the parity suite, cuDNN attention, bf16 training and sampling.
+"""
 import os
 
 # Must precede the first `import jax` of the session: data-parallel tests need several devices.
@@ -24,6 +30,37 @@ else:
 PARITY_ERRORS: dict[tuple[str, str], float] = collections.defaultdict(float)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true",
+                     help="run only the tests marked gpu, with JAX on the GPU (default: everything on the CPU)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: also runs under --gpu with JAX on the GPU; skipped there without one")
+    # Before any backend starts; subprocesses inherit the variables.
+    if config.getoption("--gpu"):
+        # train.py and sample.py subprocesses share the GPU with this process: no up-front 75% grab.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    else:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu"):
+        selected = [item for item in items if item.get_closest_marker("gpu")]
+        config.hook.pytest_deselected(items=[item for item in items if item not in selected])
+        items[:] = selected
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """The GPU that JAX computes on under --gpu; the test is skipped where there is none."""
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a GPU and --gpu")
+    return jax.devices()[0]
+
+
 @pytest.fixture
 def record_error():
     def record(module: str, quantity: str, error: float) -> None:
@@ -35,5 +72,7 @@ def pytest_terminal_summary(terminalreporter):
     if not PARITY_ERRORS:
         return
     terminalreporter.section("parity: worst max|flax - torch| / max|torch|")
+    backend = "the GPU" if jax.default_backend() == "gpu" else "the CPU"
+    terminalreporter.write_line(f"(JAX on {backend}; the PyTorch reference on the CPU)")
     for (module, quantity), error in sorted(PARITY_ERRORS.items()):
         terminalreporter.write_line(f"{module:<28} {quantity:<14} {error:.2e}")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train_cli import ROOT, TINY, run_train
+from commands import ROOT, TINY, run_train
 
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from test_train_cli import ROOT
+from commands import ROOT
 
 
 def test_bench_digits_cpu_writes_the_documented_json(tmp_path):

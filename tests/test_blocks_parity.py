@@ -15,6 +15,9 @@ from unet_flax import reference as ref
 
 from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
+# The parity suite also runs with JAX on the GPU (`pytest --gpu`), against the same CPU reference.
+pytestmark = pytest.mark.gpu
+
 FORWARD_TOL = 1e-5
 GRAD_TOL = 1e-4
 

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from test_train_cli import run_train, summary
+from commands import run_train, summary
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
     import sys
     import time
 
-    from test_train_cli import ROOT, TINY, assert_bit_identical, params_at
+    from commands import ROOT, TINY, assert_bit_identical, params_at
 
     flags = [*TINY, "--steps", "6", "--save-every", "1"]
     environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

@@ -1,49 +1,15 @@
 """train.py as a user runs it: flags, resume, bit-exact continuation, several hosts, errors."""
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from commands import ROOT, TINY, assert_bit_identical, free_port, params_at, run_sample, run_train, summary
 from parity import rel_error, without_key_biases
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--num-groups", "4",
-        "--num-heads", "2", "--attention-resolutions", "4", "--image-size", "8", "--batch-size", "8",
-        "--num-samples", "10", "--sampling-steps", "2", "--log-every", "2", "--warmup-steps", "2"]
-
-
-def run_train(workdir, *flags, devices=4, env=None, check=True):
-    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *TINY, *flags],
-                            capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def summary(result) -> dict:
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def params_at(workdir, step):
-    """A checkpoint's train state, restored onto this process's first device whatever wrote it."""
-    path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                    checkpointer.metadata(path).item_metadata)
-    return checkpointer.restore(path, target)["train_state"]
-
-
-def assert_bit_identical(a, b):
-    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
 @pytest.fixture(scope="module")
@@ -126,15 +92,9 @@ def test_help_lists_every_field():
         assert flag in result.stdout, flag
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """2 processes x 2 CPU devices (gloo) reach the parameters 1 process x 4 devices reaches."""
-    port = _free_port()
+    port = free_port()
     environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     procs = [subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *TINY, "--steps", "6",
@@ -147,14 +107,6 @@ def test_two_processes_match_one_process(uninterrupted, tmp_path):
     errors = jax.tree_util.tree_map(rel_error, without_key_biases(params_at(tmp_path, 6)["params"]),
                                     without_key_biases(params_at(uninterrupted[0], 6)["params"]))
     assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
-
-
-def run_sample(workdir, *flags, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--workdir", str(workdir), *flags],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_sample_is_reproducible_and_writes_npz(uninterrupted, tmp_path):

@@ -14,6 +14,9 @@ from unet_flax import reference as ref
 
 from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
+# The parity suite also runs with JAX on the GPU (`pytest --gpu`), against the same CPU reference.
+pytestmark = pytest.mark.gpu
+
 CONFIGS = {
     # Two levels, attention at the lower one; non-square input.
     "plain": (UNetConfig(in_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,9 @@ class UNetConfig:
     num_classes: int | None = None  # labels 0..num_classes-1, plus num_classes as the null label
     context_dim: int | None = None  # width of the cross-attention context
     dtype: str = "float32"  # computation dtype of the Flax model; parameters stay float32
-    attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation: 'xla' or 'cudnn'
+    # jax.nn.dot_product_attention's implementation; 'auto': cuDNN's fused attention where it applies
+    # (a CUDA GPU, bf16/fp16, a head size it accepts), XLA elsewhere. Weights do not depend on it.
+    attention_impl: str = "auto"
     remat: bool = False  # recompute each block in the backward pass to save memory
 
     def __post_init__(self) -> None:

@@ -119,6 +119,28 @@ class ResidualBlock(nn.Module):
         return h + residual
 
 
+def attention_implementation(requested: str, dtype: Dtype, head_dim: int) -> str:
+    """The `implementation` for jax.nn.dot_product_attention: `requested`, or for 'auto' cuDNN's fused
+    attention where it runs (a CUDA GPU of compute capability 8.0 or later, bf16/fp16, a head size
+    that is a multiple of 8 and at most 128, 256 from Hopper on) and XLA's elsewhere."""
+    if requested != "auto":
+        return requested
+    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8:
+        return "xla"
+    capability = _cuda_compute_capability()
+    if capability is None or capability < (8, 0):
+        return "xla"
+    return "cudnn" if head_dim <= (256 if capability >= (9, 0) else 128) else "xla"
+
+
+def _cuda_compute_capability() -> tuple[int, ...] | None:
+    """(major, minor) of the first GPU when it is an NVIDIA one; ROCm devices report e.g. 'gfx90a'."""
+    try:
+        return tuple(int(part) for part in jax.devices()[0].compute_capability.split("."))
+    except (AttributeError, ValueError):
+        return None
+
+
 def _split_heads(x: Array, parts: int, num_heads: int) -> tuple[Array, ...]:
     """(B, ..., parts*C) -> `parts` arrays (B, L, heads, C/heads) with the seed's channel order.
 
@@ -136,7 +158,7 @@ class AttentionBlock(nn.Module):
     num_heads: int = 8
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"  # 'cudnn' only for bf16/fp16 on GPU
+    attention_impl: str = "auto"  # see attention_implementation(); 'cudnn' only for bf16/fp16 on GPU
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -146,7 +168,8 @@ class AttentionBlock(nn.Module):
         residual = x
         qkv = conv1x1(c * 3, self.dtype, name="to_qkv")(group_norm(self.num_groups, self.dtype, name="norm")(x))
         q, k, v = _split_heads(qkv, 3, self.num_heads)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1])
+        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         out = out.reshape(b, h, w, c)
         out = conv1x1(c, self.dtype, name="to_out")(out)
         return out + residual  # Add residual connection
@@ -158,7 +181,7 @@ class CrossAttentionBlock(nn.Module):
     num_heads: int = 8
     num_groups: int = 32
     dtype: Dtype = jnp.float32
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
@@ -172,7 +195,8 @@ class CrossAttentionBlock(nn.Module):
         kv = nn.Dense(c * 2, dtype=self.dtype, name="to_kv")(context)
         (q,) = _split_heads(q, 1, self.num_heads)
         k, v = _split_heads(kv, 2, self.num_heads)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1])
+        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         out = out.reshape(b, h, w, c)
         out = conv1x1(c, self.dtype, name="to_out")(out)
         return out + residual

@@ -1,6 +1,7 @@
 """Generating images from a trained UNet: classifier-free guidance around the diffusion sampler."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,6 +15,13 @@ from . import diffusion
 from .input_pipeline import to_uint8
 from .config import UNetConfig
 from .model import UNet
+
+
+def for_this_backend(model: UNetConfig) -> UNetConfig:
+    """A saved model config set to sample here, whatever it was trained with: float32 on the CPU (no
+    fast bf16 there), the attention this backend runs best, no remat. Weights do not depend on these."""
+    dtype = "float32" if jax.default_backend() == "cpu" else model.dtype
+    return dataclasses.replace(model, dtype=dtype, attention_impl="auto", remat=False)
 
 
 def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scale: float,

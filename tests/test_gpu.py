@@ -1,0 +1,102 @@
+"""On the GPU (`python -m pytest --gpu`): cuDNN attention against XLA's, a bf16 run trained under pmap
+and resumed under sharded jit, and sampling, on the GPU and back on the CPU. Skipped without a GPU."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import unet_flax as uf
+from unet_flax.checkpoint import Checkpoints
+from unet_flax.model import attention_implementation
+
+from commands import params_at, run_sample, run_train, summary
+from parity import rel_error
+
+pytestmark = pytest.mark.gpu
+
+# bfloat16 keeps 8 bits of mantissa; the bound the README documents for bf16 against float32.
+BF16_TOLERANCE = 5e-2
+CUDNN_ATTENTION = "__cudnn$fmha"  # the custom call XLA emits for cuDNN's fused attention
+
+
+def attention_case(kind: str, implementation: str, dtype):
+    """The block, its inputs (odd, non-square map; head size 16 or 8) and non-default random params."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(keys[0], (3, 6, 10, 64), jnp.float32)
+    if kind == "self":
+        module, inputs = uf.AttentionBlock(4, 8, dtype, implementation), (x,)
+    else:
+        context = jax.random.normal(keys[1], (3, 7, 24), jnp.float32)
+        module, inputs = uf.CrossAttentionBlock(8, 8, dtype, implementation), (x, context)
+    params = module.init(keys[2], *inputs)["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    noise = jax.random.split(keys[3], len(leaves))
+    params = treedef.unflatten([p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, noise)])
+    return module, params, inputs
+
+
+def forward_and_grads(module, params, inputs):
+    out, vjp = jax.vjp(lambda p, *xs: module.apply({"params": p}, *xs), params, *inputs)
+    cotangent = jax.random.normal(jax.random.key(9), out.shape, out.dtype)
+    return out, vjp(cotangent)
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_cudnn_attention_matches_xla(gpu, kind):
+    module, params, inputs = attention_case(kind, "xla", jnp.float32)
+    expected_out, expected_grads = jax.jit(forward_and_grads, static_argnums=0)(module, params, inputs)
+    for implementation in ("cudnn", "auto"):
+        module, _, _ = attention_case(kind, implementation, jnp.bfloat16)
+        compiled = jax.jit(forward_and_grads, static_argnums=0).lower(module, params, inputs).compile()
+        assert CUDNN_ATTENTION in compiled.as_text(), f"{implementation}: no cuDNN attention in the program"
+        out, grads = compiled(params, inputs)
+        assert rel_error(out, expected_out) <= BF16_TOLERANCE
+        errors = jax.tree_util.tree_map(rel_error, grads, expected_grads)
+        assert max(jax.tree_util.tree_leaves(errors)) <= BF16_TOLERANCE, errors
+
+
+def test_auto_attention_is_xla_where_cudnn_does_not_apply(gpu):
+    assert attention_implementation("auto", jnp.bfloat16, 16) == "cudnn"
+    assert attention_implementation("auto", jnp.float32, 16) == "xla"  # cuDNN refuses float32
+    assert attention_implementation("auto", jnp.bfloat16, 12) == "xla"  # not a multiple of 8
+    module, params, inputs = attention_case("self", "auto", jnp.float32)
+    assert CUDNN_ATTENTION not in jax.jit(module.apply).lower({"params": params}, *inputs).compile().as_text()
+
+
+# A U-Net whose attention heads (32 and 64 channels, 2 heads) are sizes cuDNN takes.
+GPU_RUN = ["--base-channels", "32", "--num-groups", "8", "--num-heads", "2", "--dtype", "bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    """4 steps under pmap, then resumed to 6 under sharded jit."""
+    workdir = tmp_path_factory.mktemp("gpu_bf16")
+    first = summary(run_train(workdir, *GPU_RUN, "--steps", "4", "--save-every", "2", "--parallel", "pmap"))
+    resumed = summary(run_train(workdir, *GPU_RUN, "--steps", "6", "--parallel", "jit"))
+    return workdir, first, resumed
+
+
+def test_bf16_training_resumes_under_the_other_driver(gpu, bf16_run):
+    workdir, first, resumed = bf16_run
+    assert first["step"] == 4 and resumed["resumed_from"] == 4 and resumed["step"] == 6
+    assert np.isfinite(first["loss"]) and np.isfinite(resumed["loss"])
+    checkpoints = Checkpoints(workdir, read_only=True)
+    assert checkpoints.read_config(6)["model"]["dtype"] == "bfloat16"
+    checkpoints.close()
+    before, after = params_at(workdir, 4), params_at(workdir, 6)
+    assert int(after["step"]) == 6
+    for tree in (after["params"], after["ema_params"], after["opt_state"]):
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(tree))
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), before["params"], after["params"])
+    assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+def test_sampling_on_the_gpu_is_reproducible_and_the_cpu_samples_the_same_checkpoint(gpu, bf16_run, tmp_path):
+    workdir = bf16_run[0]
+    flags = ["--num-samples", "8", "--sampling-steps", "5", "--seed", "3"]
+    for name, env in (("gpu_a", None), ("gpu_b", None), ("cpu", {"JAX_PLATFORMS": "cpu"})):
+        run_sample(workdir, *flags, "--npz", str(tmp_path / f"{name}.npz"), "--out", str(tmp_path / f"{name}.png"),
+                   env=env)
+    a, b, cpu = (np.load(tmp_path / f"{name}.npz")["images"] for name in ("gpu_a", "gpu_b", "cpu"))
+    np.testing.assert_array_equal(a, b)
+    assert cpu.shape == a.shape == (8, 8, 8, 1)
