@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from unet_flax import reference, training
-from unet_flax.cli import run_command, use_xla_cpu_convolutions
-from unet_flax.configs import PRESETS, TrainConfig
+from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
+from unet_flax.train_config import PRESETS, TrainConfig
 from unet_flax.convert import flax_to_torch
 from unet_flax.sampling import generate
 
@@ -207,7 +207,7 @@ def run(args) -> dict:
     try:
         device = jax.devices(args.device)[0]
     except RuntimeError as error:
-        raise ValueError(f"--device {args.device}: JAX has no such device here ({str(error).splitlines()[0]})") from None
+        raise UsageError(f"--device {args.device}: JAX has no such device here ({str(error).splitlines()[0]})") from None
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     steps = args.steps or (200 if args.device == "gpu" else 20)
     if args.device == "cpu":
@@ -274,9 +274,9 @@ def run(args) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     for name in ("steps", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.cpu_devices < 1:
-        raise ValueError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+        raise UsageError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
     result = run(args)
     if args.json:
         with open(args.json, "w") as f:

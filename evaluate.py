@@ -21,9 +21,9 @@ import numpy as np
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_params
-from unet_flax.cli import run_command, use_xla_cpu_convolutions
-from unet_flax.configs import TrainConfig
-from unet_flax.sampling import for_this_backend, sample_images
+from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
+from unet_flax.train_config import TrainConfig
+from unet_flax.sampling import for_this_backend, rows_per_class, sample_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,17 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def evaluate(args) -> dict:
     if args.num_samples < 2 or args.batch_size < 1 or args.sampling_steps < 1:
-        raise ValueError("--num-samples must be >= 2, --batch-size and --sampling-steps >= 1")
+        raise UsageError("--num-samples must be >= 2, --batch-size and --sampling-steps >= 1")
     params, config_dict, step = load_params(args.workdir, args.step)
     config = TrainConfig.from_dict(config_dict)
     if config.data is not None or config.model.in_channels != 1:
-        raise ValueError(f"evaluate.py measures models of the digits data; {args.workdir} was trained on "
+        raise UsageError(f"evaluate.py measures models of the digits data; {args.workdir} was trained on "
                          f"{config.data!r}")
     config = dataclasses.replace(config, model=for_this_backend(config.model))
     image_size = config.model.image_size
     guidance = config.guidance_scale if args.guidance_scale is None else args.guidance_scale
     num_classes = config.model.num_classes
-    labels = None if num_classes is None else np.arange(args.num_samples, dtype=np.int32) % num_classes
+    labels = None if num_classes is None else rows_per_class(num_classes, args.num_samples)[0]
 
     classifier = evaluation.classifier_params(image_size)
     train, held_out = evaluation.digits_split(image_size)

@@ -15,9 +15,9 @@ import absl.logging
 import numpy as np
 
 from unet_flax.checkpoint import load_params
-from unet_flax.cli import run_command, use_xla_cpu_convolutions
-from unet_flax.configs import TrainConfig
-from unet_flax.sampling import for_this_backend, sample_images
+from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
+from unet_flax.train_config import TrainConfig
+from unet_flax.sampling import for_this_backend, rows_per_class, sample_images
 from unet_flax.visualize import save_grid
 
 
@@ -47,18 +47,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def sample_labels(args, num_classes: int | None) -> np.ndarray | None:
     if num_classes is None:
         if args.labels is not None:
-            raise ValueError("--labels given, but this model is unconditional (trained without --class-conditional)")
+            raise UsageError("--labels given, but this model is unconditional (trained without --class-conditional)")
         return None
     if args.labels is None:  # every class in turn, one row of the grid each
-        per_class = -(-args.num_samples // num_classes)
-        return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)[:args.num_samples]
+        return rows_per_class(num_classes, args.num_samples)[0]
     try:
         asked = [int(v) for v in args.labels.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        raise UsageError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
     bad = [v for v in asked if not 0 <= v < num_classes]
     if bad or not asked:
-        raise ValueError(f"label {bad[0] if bad else args.labels!r} out of range: this model has classes "
+        raise UsageError(f"label {bad[0] if bad else args.labels!r} out of range: this model has classes "
                          f"0..{num_classes - 1}")
     return np.resize(np.asarray(asked, np.int32), args.num_samples)
 
@@ -66,14 +65,14 @@ def sample_labels(args, num_classes: int | None) -> np.ndarray | None:
 def run(args) -> dict:
     for name in ("num_samples", "batch_size", "sampling_steps"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     params, config_dict, step = load_params(args.workdir, args.step, ema=not args.no_ema)
     config = TrainConfig.from_dict(config_dict)
     model = for_this_backend(config.model)
     labels = sample_labels(args, model.num_classes)
     num_steps, eta = (config.timesteps, 1.0) if args.sampler == "ddpm" else (args.sampling_steps, args.eta)
     if num_steps > config.timesteps:
-        raise ValueError(f"--sampling-steps {num_steps} exceeds the model's {config.timesteps} timesteps")
+        raise UsageError(f"--sampling-steps {num_steps} exceeds the model's {config.timesteps} timesteps")
     guidance = config.guidance_scale if args.guidance_scale is None else args.guidance_scale
 
     config = dataclasses.replace(config, model=model)
@@ -83,7 +82,7 @@ def run(args) -> dict:
     out_path = Path(args.out) if args.out else Path(args.workdir) / "samples_sample.png"
     columns = None
     if labels is not None and args.labels is None:
-        columns = -(-args.num_samples // model.num_classes)
+        columns = rows_per_class(model.num_classes, args.num_samples)[1]
     save_grid(images, out_path, columns)
     result = {"step": step, "num_samples": len(images), "sampler": args.sampler, "sampling_steps": num_steps,
               "eta": eta, "guidance_scale": guidance if labels is not None else None, "ema": not args.no_ema,

@@ -19,18 +19,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from unet_flax import input_pipeline, training
 from unet_flax.checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields
-from unet_flax.cli import run_command, use_xla_cpu_convolutions
-from unet_flax.configs import TrainConfig, build_parser, config_from_args
-from unet_flax.sampling import generate
+from unet_flax.cli import UsageError, build_parser, config_from_args, run_command, use_xla_cpu_convolutions
+from unet_flax.train_config import TrainConfig
+from unet_flax.sampling import rows_per_class, sample_images
 from unet_flax.visualize import save_grid, save_loss_curve
-
-
-class UsageError(ValueError):
-    """A bad flag or config value: exit code 2."""
 
 
 class TrainingError(RuntimeError):
@@ -53,15 +50,10 @@ def sample_grid(config: TrainConfig, ema_params, path: Path) -> None:
     m = config.model
     labels, columns = None, None
     if m.num_classes is not None:
-        per_class = max(1, config.num_samples // m.num_classes)
-        labels = jnp.repeat(jnp.arange(m.num_classes, dtype=jnp.int32), per_class)
-        columns = per_class
-    count = config.num_samples if labels is None else labels.shape[0]
-    images = generate(ema_params, jax.random.PRNGKey(config.seed + 1), labels, model_config=m,
-                      shape=(count, m.image_size, m.image_size, m.in_channels), num_steps=config.sampling_steps,
-                      guidance_scale=config.guidance_scale, schedule_name=config.noise_schedule,
-                      timesteps=config.timesteps, prediction=config.prediction)
-    save_grid(input_pipeline.to_uint8(images), path, columns)
+        labels, columns = rows_per_class(m.num_classes, config.num_samples)
+    images = sample_images(ema_params, config, config.num_samples, labels, config.sampling_steps, 0.0,
+                           config.guidance_scale, config.seed + 1, config.num_samples)
+    save_grid(images, path, columns)
 
 
 class MetricsLog:
@@ -96,6 +88,68 @@ class MetricsLog:
             self.writer.close()
 
 
+class MetricsAccumulator:
+    """The step metrics of one log interval, summed on the device so the loop never waits for the host."""
+
+    def __init__(self):
+        self.first_nonfinite = jnp.full((), -1, jnp.int32)  # this run's first non-finite step, -1: none
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.start, self.last = jnp.zeros(()), 0, time.time(), None
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.loss_sum = self.loss_sum + metrics["loss"]
+        self.first_nonfinite = jnp.where((self.first_nonfinite < 0) & (metrics["nonfinite"] > 0), step,
+                                         self.first_nonfinite)
+        self.steps, self.last = self.steps + 1, metrics
+
+    def read(self, batch_size: int) -> dict[str, float]:
+        """Host values of the interval (mean loss, the last step's other metrics, img/s), then reset."""
+        values = {k: float(v) for k, v in jax.device_get(self.last).items() if k != "nonfinite"}
+        values["loss"] = float(self.loss_sum) / self.steps
+        values["img_per_s"] = self.steps * batch_size / (time.time() - self.start)
+        self.reset()
+        return values
+
+
+class StopSignal:
+    """SIGTERM, what clusters send before preemption. One process keeps a flag; several processes use
+    JAX's preemption sync point, so all stop after the same step whichever of them got the signal."""
+
+    def __init__(self):
+        self.several_processes = jax.process_count() > 1
+        self.received = False
+        if not self.several_processes:  # JAX's preemption notifier owns SIGTERM across processes
+            signal.signal(signal.SIGTERM, self._receive)
+
+    def _receive(self, *_) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after `step`; called after every step, by every process."""
+        if self.several_processes:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+
+def start_distributed(config: TrainConfig) -> None:
+    # Collectives between CPU processes need gloo; GPU and TPU bring their own.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+
+
+def prepare_workdir(config: TrainConfig) -> Path:
+    workdir = Path(config.workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"cannot create workdir {workdir}: {error.strerror}") from None
+    if not os.access(workdir, os.W_OK):
+        raise TrainingError(f"workdir {workdir} is not writable")
+    return workdir
+
+
 def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract) -> tuple[int, dict, dict]:
     """(step, state, data state) of the newest checkpoint that restores. One that does not is renamed
     N.damaged, kept, and named in a warning; if none restores, the run stops rather than start over."""
@@ -115,56 +169,48 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
             except Exception as error:
                 damaged = error
         kept = checkpoints.set_aside(step)
-        print(f"warning: checkpoint step {step} is damaged ({type(damaged).__name__}: "
-              f"{str(damaged).splitlines()[0][:200]}); kept as {kept}, trying the previous one", file=sys.stderr)
+        if jax.process_index() == 0:
+            print(f"warning: checkpoint step {step} is damaged ({type(damaged).__name__}: "
+                  f"{str(damaged).splitlines()[0][:200]}); kept as {kept}, trying the previous one", file=sys.stderr)
     raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
                         f"as *.damaged); move them away to start afresh")
 
 
+def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: training.Parallel
+                    ) -> tuple[int | None, dict, dict | None]:
+    """(the step resumed from or None, {'train_state', 'rng'}, the data iterator's state or None)."""
+    if checkpoints.latest_step() is None:
+        init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+        return None, {"train_state": training.create_train_state(config, init_key), "rng": step_rng}, None
+    if not config.resume:
+        raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
+                            f"--no-resume was given: use another --workdir (nothing was changed)")
+    return restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.replicated))
+
+
 def train(args) -> dict:
+    # Set-up: the config, the devices, the data, the workdir.
     start = time.time()
     config = config_from_args(args)
     if config.distributed:
-        # Collectives between CPU processes need gloo; GPU and TPU bring their own.
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+        start_distributed(config)
     data = input_pipeline.load(config.data, config.model.image_size)
     config = resolve_config(args, data, config)
     is_main = jax.process_index() == 0
-    workdir = Path(config.workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise TrainingError(f"cannot create workdir {workdir}: {error.strerror}") from None
-    if not os.access(workdir, os.W_OK):
-        raise TrainingError(f"workdir {workdir} is not writable")
-
+    workdir = prepare_workdir(config)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    summary = {"step": latest or 0, "loss": None, "workdir": str(workdir), "resumed_from": None}
-    if latest is not None and not config.resume:
-        raise TrainingError(f"{workdir} holds checkpoints up to step {latest} and --no-resume was given: "
-                            f"use another --workdir (nothing was changed)")
-
     parallel = training.Parallel(config.parallel, training.make_train_step(config), config.batch_size)
-    restored = None
-    if latest is not None:
-        restored = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.replicated))
-    if restored is None:
-        init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-        saved = {"train_state": training.create_train_state(config, init_key), "rng": step_rng}
-        data_state = None
-    else:
-        latest, saved, data_state = restored
-        summary["step"] = latest
-        if config.steps <= latest:
-            print(f"{workdir} is already at step {latest} >= --steps {config.steps}: nothing to train, "
-                  f"nothing overwritten", file=sys.stderr)
-            return {**summary, "wall_s": round(time.time() - start, 2)}
-        summary["resumed_from"] = latest
+
+    # Restore or initialise.
+    resumed_from, saved, data_state = restore_or_init(checkpoints, config, parallel)
+    summary = {"step": resumed_from or 0, "loss": None, "workdir": str(workdir), "resumed_from": resumed_from}
+    if resumed_from is not None and config.steps <= resumed_from:
+        checkpoints.close()
+        print(f"{workdir} is already at step {resumed_from} >= --steps {config.steps}: nothing to train, "
+              f"nothing overwritten", file=sys.stderr)
+        return {**summary, "wall_s": round(time.time() - start, 2)}
     state = parallel.put_state(saved["train_state"])
     rng = jnp.asarray(training.local_value(saved["rng"]))
-
     dataset = input_pipeline.make_dataset(data, config.batch_size, config.seed, config.hflip,
                                           jax.process_index(), jax.process_count())
     batches = iter(dataset.to_iter_dataset())
@@ -175,52 +221,31 @@ def train(args) -> dict:
         canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.replicate(np.asarray(rng))}
         checkpoints.save(step, canonical, batches.get_state(), config.to_dict())
 
-    def ema_params():
-        return parallel.host_state(state.ema_params)
-
-    stop_requested = []
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
-
-    log = MetricsLog(workdir, is_main)
-    first_step = latest or 0
-    progress = _progress(first_step, config.steps, is_main)
-    loss_sum = jnp.zeros(())
-    first_bad = jnp.full((), -1, jnp.int32)
-    nonfinite = jnp.zeros((), jnp.int32)
-    interval_start, interval_steps, step, img_per_s = time.time(), 0, first_step, None
+    # Steps.
+    stop, metrics, log = StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)
+    first_step = resumed_from or 0
+    progress = tqdm(total=config.steps, initial=first_step, disable=not is_main, unit="step", dynamic_ncols=True)
+    step, stopping, img_per_s = first_step, False, None
     try:
         for step in range(first_step + 1, config.steps + 1):
-            state, metrics = parallel.step(state, parallel.put_batch(next(batches)), rng)
-            loss_sum = loss_sum + metrics["loss"]
-            nonfinite = nonfinite + metrics["nonfinite"]
-            first_bad = jnp.where((first_bad < 0) & (metrics["nonfinite"] > 0), step, first_bad)
-            interval_steps += 1
-            boundary = step % config.log_every == 0 or step == config.steps or stop_requested
-            saving = (config.save_every and step % config.save_every == 0) or step == config.steps or stop_requested
-            if boundary or saving:
-                if int(first_bad) >= 0 and not config.skip_nonfinite:
-                    last_good = checkpoints.latest_step()
-                    raise TrainingError(
-                        f"non-finite loss or gradient at step {int(first_bad)}; stopped without saving, "
-                        + ("no checkpoint was written yet" if last_good is None
-                           else f"the last good checkpoint is step {last_good}")
-                        + " (--skip-nonfinite skips such steps instead)")
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.time() - interval_start
-                img_per_s = interval_steps * config.batch_size / elapsed
-                host["loss"] = float(loss_sum) / interval_steps
-                host.update(img_per_s=img_per_s, nonfinite_total=int(nonfinite))
-                del host["nonfinite"]
-                log.write(step, host)
-                progress.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{img_per_s:.0f}")
-                progress.update(interval_steps)
-                summary["loss"] = host["loss"]
-                loss_sum, interval_steps, interval_start = jnp.zeros(()), 0, time.time()
+            state, step_metrics = parallel.step(state, parallel.put_batch(next(batches)), rng)
+            metrics.add(step, step_metrics)
+            stopping = stop.reached(step)
+            saving = (config.save_every and step % config.save_every == 0) or step == config.steps or stopping
+            if step % config.log_every == 0 or saving:
+                check_finite(config, metrics, checkpoints)
+                steps_in_interval = metrics.steps
+                values = metrics.read(config.batch_size)
+                values["nonfinite_total"] = int(parallel.host_state(state.skipped_steps))
+                log.write(step, values)
+                progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
+                progress.update(steps_in_interval)
+                summary["loss"], img_per_s = values["loss"], values["img_per_s"]
             if saving:
                 save(step)
             if config.sample_every and step % config.sample_every == 0 and step != config.steps and is_main:
-                sample_grid(config, ema_params(), workdir / f"samples_{step:07d}.png")
-            if stop_requested:
+                sample_grid(config, parallel.host_state(state.ema_params), workdir / f"samples_{step:07d}.png")
+            if stopping:
                 print(f"SIGTERM: saved step {step}, stopping", file=sys.stderr)
                 break
         checkpoints.wait()
@@ -229,20 +254,27 @@ def train(args) -> dict:
         log.close()
         checkpoints.close()
 
+    # Finish: samples and the loss curve.
     summary["step"] = step
     if is_main:
-        samples = workdir / "samples.png"
-        if not stop_requested:
-            sample_grid(config, ema_params(), samples)
-            summary["samples"] = str(samples)
+        if not stopping:
+            sample_grid(config, parallel.host_state(state.ema_params), workdir / "samples.png")
+            summary["samples"] = str(workdir / "samples.png")
         save_loss_curve(*log.history(), workdir / "loss.png")
     summary["img_per_s"] = None if img_per_s is None else round(img_per_s, 1)
     summary["wall_s"] = round(time.time() - start, 2)
     return summary
 
 
-def _progress(initial: int, total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+def check_finite(config: TrainConfig, metrics: MetricsAccumulator, checkpoints: Checkpoints) -> None:
+    """Stop at the first non-finite step, before anything is saved, unless --skip-nonfinite."""
+    first_bad = int(metrics.first_nonfinite)
+    if first_bad >= 0 and not config.skip_nonfinite:
+        last_good = checkpoints.latest_step()
+        raise TrainingError(
+            f"non-finite loss or gradient at step {first_bad}; stopped without saving, "
+            + ("no checkpoint was written yet" if last_good is None else f"the last good checkpoint is step {last_good}")
+            + " (--skip-nonfinite skips such steps instead)")
 
 
 def main(argv: list[str] | None = None) -> int:

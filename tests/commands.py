@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -47,6 +48,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def start_processes(workdir, count: int, *flags) -> list[subprocess.Popen]:
+    """train.py as `count` processes on localhost (2 CPU devices each), one JAX distributed job."""
+    port = free_port()
+    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    return [subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *TINY, *flags, "--distributed",
+         "--coordinator-address", f"localhost:{port}", "--num-processes", str(count), "--process-id", str(i)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
+        for i in range(count)]
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen], timeout_s: float = 300) -> None:
+    """Until `path` exists (training has logged), or fail naming why."""
+    deadline = time.time() + timeout_s
+    while not path.exists():
+        assert all(proc.poll() is None for proc in procs), [proc.communicate()[1][-2000:] for proc in procs]
+        assert time.time() < deadline, f"{path} did not appear in {timeout_s} s"
+        time.sleep(0.2)
 
 
 def run_sample(workdir, *flags, check=True, env=None):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unet_flax import evaluation, training
-from unet_flax.configs import PRESETS
+from unet_flax.train_config import PRESETS
 from unet_flax.sampling import sample_images
 
 
@@ -43,3 +43,25 @@ def test_frechet_distance_is_zero_for_the_same_set_and_grows_with_a_shift():
     assert evaluation.frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
     # Shifting the mean by 1 in every dimension adds exactly 8.
     assert evaluation.frechet_distance(features, features + 1) == pytest.approx(8, rel=1e-6)
+
+
+def with_moments(mean: np.ndarray, covariance: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` points whose sample mean and sample covariance are exactly `mean` and `covariance`."""
+    x = np.random.default_rng(seed).standard_normal((count, len(mean)))
+    x -= x.mean(0)
+    x = x @ np.linalg.inv(np.linalg.cholesky(np.cov(x, rowvar=False))).T  # sample covariance: identity
+    return x @ np.linalg.cholesky(covariance).T + mean
+
+
+def test_frechet_distance_with_unequal_covariances_matches_the_closed_form():
+    """2-D Gaussians whose covariances do not commute. For 2x2 matrices with non-negative eigenvalues,
+    Tr(M^(1/2)) = sqrt(Tr M + 2 sqrt(det M)), which gives the distance without any matrix square root."""
+    mean_a, mean_b = np.array([0.5, -1.0]), np.array([2.0, 0.25])
+    cov_a, cov_b = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[0.5, -0.3], [-0.3, 3.0]])
+    product = cov_a @ cov_b
+    trace_root = np.sqrt(np.trace(product) + 2 * np.sqrt(np.linalg.det(product)))
+    expected = np.sum((mean_a - mean_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root
+    a, b = with_moments(mean_a, cov_a, 400, seed=1), with_moments(mean_b, cov_b, 300, seed=2)
+    assert evaluation.frechet_distance(a, b) == pytest.approx(expected, rel=1e-9)
+    assert evaluation.frechet_distance(b, a) == pytest.approx(expected, rel=1e-9)
+

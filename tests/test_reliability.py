@@ -2,9 +2,11 @@
 one, keeps it (renamed N.damaged), and never starts from scratch silently."""
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
-from commands import run_train, summary
+from commands import params_at, run_train, summary
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +116,10 @@ def test_skip_nonfinite_counts_the_skipped_steps(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["nonfinite_total"] >= 1
     assert summary(result)["step"] == 4
+    for step in (2, 4):  # what was saved holds no NaN or inf, and counts the skipped steps
+        state = params_at(tmp_path, step)
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state))
+    assert int(state["skipped_steps"]) == rows[-1]["nonfinite_total"]
+    assert int(state["step"]) - int(state["skipped_steps"]) == int(np.max([
+        np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+        if "count" in jax.tree_util.keystr(path)]))

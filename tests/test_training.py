@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unet_flax import UNet, UNetConfig, diffusion, training
 from unet_flax import reference as ref
-from unet_flax.configs import TrainConfig
+from unet_flax.train_config import TrainConfig
 from unet_flax.convert import flax_to_torch, torch_to_flax
 
 from parity import rel_error, without_key_biases
@@ -93,7 +93,63 @@ def test_nonfinite_step_leaves_the_state_unchanged():
     batch["image"][0, 0, 0, 0] = np.nan
     state, metrics = parallel.step(state, parallel.put_batch(batch), jax.random.PRNGKey(1))
     assert int(metrics["nonfinite"]) == 1 and int(state.step) == 1
+    assert int(state.skipped_steps) == 1 and int(state.applied_steps) == 0
     jax.tree_util.tree_map(np.testing.assert_array_equal, host(state.params), before)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, host(state.ema_params), before)
+    assert optimizer_counts(state) == {0}  # the schedule did not move
+
+    # The next good step is the first applied: the learning rate and EMA warm-up start from zero.
+    good = parallel.put_batch(batches(1)[0])
+    state, metrics = parallel.step(state, good, jax.random.PRNGKey(1))
+    assert int(metrics["nonfinite"]) == 0 and float(metrics["lr"]) == float(training.learning_rate(CONFIG)(0))
+    assert int(state.step) == 2 and int(state.applied_steps) == 1
+    assert optimizer_counts(state) == {1}
+
+
+def optimizer_counts(state) -> set[int]:
+    """The step counts optax keeps in the optimiser state (Adam's and the schedule's)."""
+    return {int(np.asarray(training.local_value(leaf))) for path, leaf in
+            jax.tree_util.tree_leaves_with_path(state.opt_state) if "count" in jax.tree_util.keystr(path)}
+
+
+def test_remat_train_step_in_training_mode_matches_the_plain_one():
+    """With dropout on, rematerialising each block recomputes the same forward (same dropout masks):
+    the loss, the gradient norm and the parameters after two steps agree."""
+    results = []
+    for remat in (False, True):
+        config = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, remat=remat, dropout=0.3))
+        parallel = training.Parallel("jit", training.make_train_step(config), config.batch_size)
+        state = parallel.put_state(host(training.create_train_state(config, jax.random.PRNGKey(0))))
+        losses = []
+        for batch in batches(2):
+            state, metrics = parallel.step(state, parallel.put_batch(batch), jax.random.PRNGKey(1))
+            losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+        results.append((losses, host(state.params)))
+    (plain_losses, plain), (remat_losses, remat) = results
+    np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-5)
+    errors = jax.tree_util.tree_map(rel_error, without_key_biases(remat), without_key_biases(plain))
+    assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
+
+
+def test_weight_decay_leaves_biases_norms_and_embeddings_alone():
+    config = dataclasses.replace(CONFIG, weight_decay=0.5, grad_clip=0.0, warmup_steps=0, lr=0.1)
+    params = training.create_train_state(config, jax.random.PRNGKey(0)).params
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    tx = training.make_optimizer(config)
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    for path, update in jax.tree_util.tree_leaves_with_path(updates):
+        name = getattr(path[-1], "key", None)
+        if name == "kernel":  # decayed: lr * wd * param
+            np.testing.assert_allclose(update, -0.1 * 0.5 * params_at(params, path), rtol=1e-6)
+        else:
+            assert name in ("bias", "scale", "embedding"), jax.tree_util.keystr(path)
+            assert not np.any(update), jax.tree_util.keystr(path)
+
+
+def params_at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
 
 
 def test_fifty_adam_steps_match_pytorch():
@@ -167,6 +223,6 @@ def test_sampling_spread_over_devices_gives_the_same_images(monkeypatch):
     params = training.create_train_state(CONFIG, jax.random.PRNGKey(0)).params
     labels = np.arange(8) % 3
     spread = sampling.sample_images(params, CONFIG, 8, labels, 3, 0.0, 1.5, seed=0, batch_size=8)
-    monkeypatch.setattr(sampling.jax, "device_count", lambda: 1)
+    monkeypatch.setattr(sampling.jax, "local_device_count", lambda: 1)
     single = sampling.sample_images(params, CONFIG, 8, labels, 3, 0.0, 1.5, seed=0, batch_size=8)
     np.testing.assert_array_equal(spread, single)

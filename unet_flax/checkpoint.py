@@ -11,8 +11,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from .configs import TrainConfig
+from .train_config import TrainConfig
 from .training import create_train_state
 
 # Fields that may not change on resume: they define the network, or which batches and noise
@@ -51,13 +52,16 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def set_aside(self, step: int) -> Path:
-        """Rename a damaged step directory out of orbax's sight (kept for inspection, never deleted)."""
-        source = self.directory / str(step)
+        """Rename a damaged step directory out of orbax's sight (kept for inspection, never deleted).
+        The primary process renames it; every other process waits for that, then looks again."""
         target = self.directory / f"{step}.damaged"
         suffix = 1
         while target.exists():
             target, suffix = self.directory / f"{step}.damaged{suffix}", suffix + 1
-        source.rename(target)
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"unet_flax: checkpoint {step} set aside")
         self.manager.reload()
         return target
 
@@ -91,7 +95,8 @@ def abstract_checkpoint(config: TrainConfig, sharding: jax.sharding.Sharding) ->
 
 
 def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> tuple[Any, dict, int]:
-    """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on one device."""
+    """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on this process's
+    first device (any process of a multi-host job may call it)."""
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint in {directory}: train first, or pass the --workdir that holds one")
@@ -107,7 +112,7 @@ def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) 
             raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoints.directory} "
                                     f"(steps: {', '.join(map(str, sorted(steps)))})")
         config = checkpoints.read_config(step)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         state, _ = checkpoints.restore(step, abstract_checkpoint(TrainConfig.from_dict(config), device))
     finally:
         checkpoints.close()

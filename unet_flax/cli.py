@@ -1,7 +1,9 @@
-"""What every command line of the project shares: XLA:CPU tuning, and one line for a user's mistake."""
+"""What the command lines share: one line for a user's mistake, the training flags generated from
+`TrainConfig` (every field a flag, `--preset` choosing the defaults), and XLA:CPU's convolutions."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
@@ -11,17 +13,30 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable
+import types
+import typing
 from pathlib import Path
+from typing import Any
+
+from .train_config import CHOICES, PRESETS, TrainConfig
+from .unet_config import ConfigError, UNetConfig
+
+
+class UsageError(ValueError):
+    """A bad flag or flag combination: one line on stderr, exit code 2."""
 
 
 def run_command(action: Callable[[argparse.Namespace], dict], args: argparse.Namespace,
-                failures: tuple[type[Exception], ...] = (FileNotFoundError, FileExistsError)) -> int:
-    """Run `action(args)` and print its result as one JSON line (exit 0). A ValueError is a usage error
-    (exit 2) and one of `failures` a failure (exit 1): either prints `error: ...` on stderr, with the
-    traceback only under --debug."""
+                failures: tuple[type[Exception], ...] = (FileNotFoundError, FileExistsError),
+                usage_errors: tuple[type[Exception], ...] = (UsageError, ConfigError)) -> int:
+    """Run `action(args)` and print its result as one JSON line (exit 0).
+
+    The user's mistakes print `error: ...` on stderr in one line (the traceback only under --debug):
+    `usage_errors` exit 2, `failures` (missing files, bad data, a run that cannot go on) exit 1.
+    Anything else is a fault of the program and propagates with its traceback (exit 1)."""
     try:
         result = action(args)
-    except (ValueError, *failures) as error:
+    except (*failures, *usage_errors) as error:
         if getattr(args, "debug", False):
             raise
         print(f"error: {error}", file=sys.stderr)
@@ -29,6 +44,80 @@ def run_command(action: Callable[[argparse.Namespace], dict], args: argparse.Nam
     print(json.dumps(result))
     return 0
 
+
+# -- the training command line, generated from TrainConfig -----------------------------------------
+
+# Set by train.py from the data (channels; labels with --class-conditional), not by flags; and
+# train.py has no conditioning context to give a cross-attention model.
+NOT_FLAGS = {"model", "in_channels", "num_classes", "context_dim"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parser_for(annotation: Any):
+    """An argparse `type` for a field's annotation: int, float, str, tuples of ints, optionals."""
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    inner = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
+    if typing.get_origin(inner) is tuple:
+        base = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731
+    else:
+        base = inner
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+    parse.__name__ = getattr(inner, "__name__", "value")
+    return parse
+
+
+def _add_fields(group, cls, defaults) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    names = []
+    for field in dataclasses.fields(cls):
+        if field.name in NOT_FLAGS:
+            continue
+        names.append(field.name)
+        default = getattr(defaults, field.name)
+        if hints[field.name] is bool:
+            group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=f"(default: {default})")
+        else:
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            choices = CHOICES.get(field.name)
+            group.add_argument(_flag(field.name), type=_parser_for(hints[field.name]), choices=choices,
+                               default=argparse.SUPPRESS, metavar="{" + ",".join(choices) + "}" if choices
+                               else field.name.upper(), help=f"(default: {shown})")
+    return names
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="digits",
+                        help="the defaults every other flag overrides (shown below: digits)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    _add_fields(parser.add_argument_group("training"), TrainConfig, PRESETS["digits"])
+    _add_fields(parser.add_argument_group("model"), UNetConfig, PRESETS["digits"].model)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The preset with every flag given on the command line applied over it."""
+    preset = PRESETS[args.preset]
+    given = vars(args)
+    model_names = {f.name for f in dataclasses.fields(UNetConfig)}
+    model = dataclasses.replace(preset.model, **{k: v for k, v in given.items() if k in model_names})
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    return dataclasses.replace(preset, model=model, **{k: v for k, v in given.items() if k in train_names})
+
+
+# -- XLA:CPU --------------------------------------------------------------------------------------
 
 YNNPACK_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu")

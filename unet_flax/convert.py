@@ -26,6 +26,10 @@ _SEQUENTIAL_LAYER = re.compile(r"^layers_(\d+)$")
 Params = dict[str, Any]
 
 
+class ConversionError(ValueError):
+    """Weights that do not fit the model: the message names the key and both shapes."""
+
+
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
         value = value.detach().cpu().numpy()
@@ -44,7 +48,7 @@ def torch_key_to_flax_path(key: str) -> tuple[str, ...]:
         elif path:
             path[-1] = f"{path[-1]}_{name}"
         else:
-            raise ValueError(f"state_dict key {key!r} starts with an index; strip the wrapper's prefix first")
+            raise ConversionError(f"state_dict key {key!r} starts with an index; strip the wrapper's prefix first")
     return (*path, leaf)
 
 
@@ -75,7 +79,7 @@ def _flax_leaf(key: str, module: str, array: np.ndarray) -> tuple[str, np.ndarra
             return "kernel", array.T
         if array.ndim == 1:  # GroupNorm
             return "scale", array
-    raise ValueError(f"state_dict key {key!r} with shape {array.shape} is not a weight or bias this model has")
+    raise ConversionError(f"state_dict key {key!r} with shape {array.shape} is not a weight or bias this model has")
 
 
 def _torch_leaf(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
@@ -85,7 +89,7 @@ def _torch_leaf(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
         return array.T
     if path[-1] in ("bias", "scale", "embedding"):
         return array
-    raise ValueError(f"Flax parameter {'/'.join(path)} with shape {array.shape} has no PyTorch counterpart")
+    raise ConversionError(f"Flax parameter {'/'.join(path)} with shape {array.shape} has no PyTorch counterpart")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -152,16 +156,16 @@ def _check_against(flat: Mapping[tuple[str, ...], np.ndarray], expected: Mapping
     unknown = sorted(flat.keys() - expected.keys())
     if unknown:
         path = unknown[0]
-        raise ValueError(f"unknown key {flax_path_to_torch_key(path)!r} with shape "
+        raise ConversionError(f"unknown key {flax_path_to_torch_key(path)!r} with shape "
                          f"{_torch_shape(path, flat[path].shape)}: the Flax model has no {'/'.join(path)}")
     missing = sorted(expected.keys() - flat.keys())
     if missing:
         path = missing[0]
-        raise ValueError(f"missing key {flax_path_to_torch_key(path)!r}: the model expects shape "
+        raise ConversionError(f"missing key {flax_path_to_torch_key(path)!r}: the model expects shape "
                          f"{_torch_shape(path, tuple(expected[path].shape))}")
     for path in sorted(flat):
         if flat[path].shape != tuple(expected[path].shape):
-            raise ValueError(f"key {flax_path_to_torch_key(path)!r} has shape {_torch_shape(path, flat[path].shape)}, "
+            raise ConversionError(f"key {flax_path_to_torch_key(path)!r} has shape {_torch_shape(path, flat[path].shape)}, "
                              f"the model expects {_torch_shape(path, tuple(expected[path].shape))}")
 
 
@@ -197,8 +201,8 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
     import torch
 
     from .checkpoint import Checkpoints
-    from .config import UNetConfig
-    from .configs import PRESETS, TrainConfig
+    from .unet_config import UNetConfig
+    from .train_config import PRESETS, TrainConfig
     from .training import create_train_state, make_optimizer
 
     fields = json.loads(Path(config_path).read_text())
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import pickle
 
-    from .cli import run_command
+    from .cli import UsageError, run_command
+    from .unet_config import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m unet_flax.convert",
                                      description="Move U-Net weights between orbax checkpoints and PyTorch.")
@@ -247,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return export_checkpoint(args.workdir, args.out, args.step, not args.no_ema)
         return import_state_dict(args.state_dict, args.config, args.workdir)
     # A .pt file torch cannot unpickle raises RuntimeError or pickle's errors: a failure, not a usage error.
-    return run_command(convert, args, (FileNotFoundError, FileExistsError, RuntimeError, pickle.UnpicklingError))
+    return run_command(convert, args, (FileNotFoundError, FileExistsError, RuntimeError, pickle.UnpicklingError),
+                       (UsageError, ConfigError, ConversionError))
 
 
 if __name__ == "__main__":

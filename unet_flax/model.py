@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import UNetConfig, check_divisible, timestep_frequencies
+from .unet_config import UNetConfig, check_divisible, timestep_frequencies
 
 Dtype = Any
 Array = jax.Array

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import diffusion
 from .input_pipeline import to_uint8
-from .config import UNetConfig
+from .unet_config import UNetConfig
 from .model import UNet
 
 
@@ -32,14 +32,25 @@ def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scal
     if labels is None or num_classes is None or guidance_scale == 1.0:
         return lambda x, t: model.apply({"params": params}, x, t, labels, context)
 
+    def pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+        # Example i's two halves at rows 2i and 2i+1: a batch sharded over devices keeps each pair on one.
+        return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
     def denoise(x, t):
-        both_labels = jnp.concatenate([labels, jnp.full_like(labels, num_classes)])
-        both_context = None if context is None else jnp.concatenate([context, context])
-        out = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                          both_labels, both_context)
-        cond, uncond = jnp.split(out, 2)
+        both_context = None if context is None else pairs(context, context)
+        out = model.apply({"params": params}, pairs(x, x), pairs(t, t),
+                          pairs(labels, jnp.full_like(labels, num_classes)), both_context)
+        out = out.reshape(x.shape[0], 2, *out.shape[1:])
+        cond, uncond = out[:, 0], out[:, 1]
         return uncond + guidance_scale * (cond - uncond)
     return denoise
+
+
+def rows_per_class(num_classes: int, num_samples: int) -> tuple[np.ndarray, int]:
+    """Labels that lay `num_samples` out as a grid with one row per class (class k fills row k, the
+    last rows may be short), and the row length."""
+    per_class = -(-num_samples // num_classes)
+    return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)[:num_samples], per_class
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "shape", "num_steps", "guidance_scale", "schedule_name",
@@ -67,8 +78,8 @@ def sample_images(params, config, num_samples: int, labels: np.ndarray | None, n
     m = config.model
     images = []
     starts = range(0, num_samples, batch_size)
-    devices = jax.device_count()
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    devices = jax.local_device_count()  # this process's own: in a multi-host job one process samples
+    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
     if devices > 1:
         params = jax.device_put(params, NamedSharding(mesh, P()))
     for start in tqdm(starts, unit="batch", disable=not progress or len(starts) == 1):

@@ -19,7 +19,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import diffusion
-from .configs import TrainConfig
+from .train_config import TrainConfig
+from .unet_config import ConfigError
 from .model import UNet
 
 DATA_AXIS = "data"
@@ -30,10 +31,16 @@ StepFn = Callable[[Any, Batch, jax.Array], tuple[Any, Metrics]]
 
 
 class TrainState(flax.struct.PyTreeNode):
-    step: jax.Array
+    step: jax.Array  # steps taken, skipped ones included: it keys each step's randomness
     params: Any
     ema_params: Any
     opt_state: Any
+    skipped_steps: jax.Array  # steps with a non-finite loss or gradient, left unapplied
+
+    @property
+    def applied_steps(self) -> jax.Array:
+        """Updates applied: what the learning rate, the optimiser's own count and EMA warm-up follow."""
+        return self.step - self.skipped_steps
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
@@ -46,10 +53,17 @@ def learning_rate(config: TrainConfig) -> optax.Schedule:
         [config.warmup_steps])
 
 
+def decays(params: Any) -> Any:
+    """Which parameters weight decay applies to: the conv and dense kernels. Biases, GroupNorm scales
+    and the label embedding are left alone, as is usual: decaying them pulls the network's offsets
+    and normalisation gains towards zero without regularising what it computes."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     return optax.chain(clip, optax.adamw(learning_rate(config), b1=config.adam_b1, b2=config.adam_b2,
-                                         eps=config.adam_eps, weight_decay=config.weight_decay))
+                                         eps=config.adam_eps, weight_decay=config.weight_decay, mask=decays))
 
 
 def ema_decay(config: TrainConfig, step: jax.Array) -> jax.Array:
@@ -68,7 +82,7 @@ def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
     params = UNet(config.model).init(rng, *example_inputs(config))["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                      opt_state=make_optimizer(config).init(params))
+                      opt_state=make_optimizer(config).init(params), skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def make_train_step(config: TrainConfig) -> StepFn:
@@ -107,14 +121,16 @@ def make_train_step(config: TrainConfig) -> StepFn:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema_params = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay(config, state.step))
-        new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+        ema_params = optax.incremental_update(params, state.ema_params,
+                                              1.0 - ema_decay(config, state.applied_steps))
+        applied = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
 
-        # A non-finite loss or gradient leaves the state as it was: nothing poisoned reaches a checkpoint.
+        # A non-finite loss or gradient leaves parameters, optimiser and EMA as they were (nothing poisoned
+        # reaches a checkpoint) and is counted as skipped, so learning rate and warm-ups follow what was applied.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state,
-                                           state.replace(step=state.step + 1))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.step),
+        skipped = state.replace(step=state.step + 1, skipped_steps=state.skipped_steps + 1)
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), applied, skipped)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.applied_steps),
                    "nonfinite": (~finite).astype(jnp.int32)}
         return new_state, metrics
 
@@ -129,7 +145,7 @@ def data_mesh(devices: list | None = None) -> Mesh:
 
 def check_batch_size(global_batch: int, num_devices: int) -> None:
     if global_batch % num_devices:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {num_devices} devices; "
+        raise ConfigError(f"batch size {global_batch} is not divisible by the {num_devices} devices; "
                          f"use a multiple of {num_devices}")
 
 

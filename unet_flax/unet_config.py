@@ -9,6 +9,10 @@ from typing import Any
 
 import numpy as np
 
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the value."""
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
@@ -62,23 +66,23 @@ class UNetConfig:
                      "image_size", "num_heads", "num_groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not self.channel_mults or min(self.channel_mults) < 1:
-            raise ValueError(f"channel_mults must be positive integers, got {self.channel_mults}")
+            raise ConfigError(f"channel_mults must be positive integers, got {self.channel_mults}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be positive or None, got {self.num_classes}")
+            raise ConfigError(f"num_classes must be positive or None, got {self.num_classes}")
         if self.context_dim is not None and self.context_dim < 1:
-            raise ValueError(f"context_dim must be positive or None, got {self.context_dim}")
+            raise ConfigError(f"context_dim must be positive or None, got {self.context_dim}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}"
             )
         if self.image_size % self.downsample_factor:
-            raise ValueError(
+            raise ConfigError(
                 f"image_size {self.image_size} is not divisible by 2**(levels-1) = {self.downsample_factor}"
             )
         for mult in sorted(set(self.channel_mults)):
@@ -136,14 +140,14 @@ class UNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:
-            raise ValueError(f"unknown UNetConfig fields: {', '.join(unknown)}")
+            raise ConfigError(f"unknown UNetConfig fields: {', '.join(unknown)}")
         return cls(**fields)
 
 
 def check_divisible(channels: int, divisor: int, divisor_name: str) -> None:
     """Raise the error a user can act on, before GroupNorm or a head split fails obscurely."""
     if channels % divisor:
-        raise ValueError(f"channels ({channels}) must be divisible by {divisor_name} ({divisor})")
+        raise ConfigError(f"channels ({channels}) must be divisible by {divisor_name} ({divisor})")
 
 
 def timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
