@@ -8,6 +8,7 @@ is resumed from its latest one. The last line printed is a JSON summary of the r
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -133,6 +134,36 @@ class StopSignal:
         return self.received
 
 
+class DeviceFeed:
+    """Batches on their way to the devices ahead of the step that needs them, so that reading, decoding
+    and the transfer of the next batches overlap the current step. Its state, saved with checkpoints,
+    is the number of batches consumed (and the unreadable images passed over so far)."""
+
+    def __init__(self, dataset, workers: int, parallel: training.Parallel, state: dict, depth: int = 2):
+        self.consumed = int(state.get("next_index", 0))
+        self.bad_images = int(state.get("bad_images", 0))
+        self.batches = input_pipeline.batches_from(dataset, self.consumed, workers)
+        self.parallel, self.depth = parallel, depth
+        self.in_flight = collections.deque()
+
+    def __next__(self):
+        while len(self.in_flight) < self.depth:
+            batch = next(self.batches)
+            bad = int(batch.pop("bad_images"))
+            self.in_flight.append((self.parallel.put_batch(batch), bad))
+        batch, bad = self.in_flight.popleft()
+        self.consumed, self.bad_images = self.consumed + 1, self.bad_images + bad
+        return batch
+
+    def state(self) -> dict:
+        return {"next_index": self.consumed, "bad_images": self.bad_images}
+
+    def close(self) -> None:
+        close = getattr(self.batches, "close", None)  # grain's worker processes, when there are any
+        if close is not None:
+            close()
+
+
 def start_distributed(config: TrainConfig) -> None:
     # Collectives between CPU processes need gloo; GPU and TPU bring their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -194,7 +225,7 @@ def train(args) -> dict:
     config = config_from_args(args)
     if config.distributed:
         start_distributed(config)
-    data = input_pipeline.load(config.data, config.model.image_size)
+    data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)
     config = resolve_config(args, data, config)
     is_main = jax.process_index() == 0
     workdir = prepare_workdir(config)
@@ -213,13 +244,12 @@ def train(args) -> dict:
     rng = jnp.asarray(training.local_value(saved["rng"]))
     dataset = input_pipeline.make_dataset(data, config.batch_size, config.seed, config.hflip,
                                           jax.process_index(), jax.process_count())
-    batches = iter(dataset.to_iter_dataset())
-    if data_state is not None:
-        batches.set_state(data_state)
+    workers = input_pipeline.default_workers(data) if config.data_workers is None else config.data_workers
+    feed = DeviceFeed(dataset, workers, parallel, data_state or {})
 
     def save(step: int) -> None:
         canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.replicate(np.asarray(rng))}
-        checkpoints.save(step, canonical, batches.get_state(), config.to_dict())
+        checkpoints.save(step, canonical, feed.state(), config.to_dict())
 
     # Steps.
     stop, metrics, log = StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)
@@ -228,7 +258,7 @@ def train(args) -> dict:
     step, stopping, img_per_s = first_step, False, None
     try:
         for step in range(first_step + 1, config.steps + 1):
-            state, step_metrics = parallel.step(state, parallel.put_batch(next(batches)), rng)
+            state, step_metrics = parallel.step(state, next(feed), rng)
             metrics.add(step, step_metrics)
             stopping = stop.reached(step)
             saving = (config.save_every and step % config.save_every == 0) or step == config.steps or stopping
@@ -237,6 +267,8 @@ def train(args) -> dict:
                 steps_in_interval = metrics.steps
                 values = metrics.read(config.batch_size)
                 values["nonfinite_total"] = int(parallel.host_state(state.skipped_steps))
+                if config.skip_bad_images:
+                    values["bad_images_total"] = feed.bad_images
                 log.write(step, values)
                 progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
                 progress.update(steps_in_interval)
@@ -250,6 +282,7 @@ def train(args) -> dict:
                 break
         checkpoints.wait()
     finally:
+        feed.close()
         progress.close()
         log.close()
         checkpoints.close()

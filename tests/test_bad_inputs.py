@@ -114,3 +114,17 @@ def test_resume_with_another_model_config_changes_nothing(files):
 def test_debug_shows_the_traceback(files, tmp_path):
     result = run(T, "--workdir", str(tmp_path / "w"), *TINY, "--data", str(files / "nowhere"), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr and "DataError" in result.stderr
+
+
+def test_an_internal_error_keeps_its_traceback(tmp_path):
+    """A ValueError from inside the program (here injected into the data pipeline) is no user mistake:
+    it is not shortened to a usage line but shows its traceback, exit code 1."""
+    inject = ("import sys, train; from unet_flax import input_pipeline\n"
+              "def broken(*args, **kwargs): raise ValueError('internal: shapes disagree')\n"
+              "input_pipeline.make_dataset = broken\n"
+              "sys.exit(train.main(sys.argv[1:]))")
+    result = subprocess.run([sys.executable, "-c", inject, "--workdir", str(tmp_path / "w"), *TINY, "--steps", "2"],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ValueError: internal: shapes disagree" in result.stderr
+    assert "error: internal" not in result.stderr

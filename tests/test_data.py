@@ -11,8 +11,8 @@ def test_digits_default():
     assert data.images.shape == (1797, 16, 16, 1) and data.images.dtype == np.uint8
     assert data.num_classes == 10 and data.labels.shape == (1797,)
     batch = next(iter(ip.make_dataset(data, 32, seed=0).to_iter_dataset()))
-    assert batch["image"].shape == (32, 16, 16, 1) and batch["image"].dtype == np.float32
-    assert batch["image"].min() >= -1 and batch["image"].max() <= 1 and batch["image"].max() > 0.9
+    assert batch["image"].shape == (32, 16, 16, 1) and batch["image"].dtype == np.uint8  # scaled on the devices
+    assert batch["image"].max() > 230 and batch["label"].dtype == np.int32 and not batch["bad_images"].any()
 
 
 def _write(path, array):
@@ -27,8 +27,9 @@ def test_image_folder_with_class_subfolders(tmp_path):
             _write(tmp_path / name / f"{i}.png", rng.integers(0, 255, (20, 12, 3), dtype=np.uint8))
     _write(tmp_path / "dog" / "wide.jpg", rng.integers(0, 255, (10, 40, 3), dtype=np.uint8))
     data = ip.load(str(tmp_path), 8)
-    assert data.images.shape == (7, 8, 8, 3) and data.class_names == ("cat", "dog")
-    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+    assert len(data) == 7 and data.channels == 3 and data.class_names == ("cat", "dog")
+    assert [int(data[i]["label"]) for i in range(7)] == [0, 0, 0, 1, 1, 1, 1]
+    assert all(data[i]["image"].shape == (8, 8, 3) and data[i]["image"].dtype == np.uint8 for i in range(7))
 
 
 def test_center_crop_keeps_the_middle():
@@ -38,32 +39,48 @@ def test_center_crop_keeps_the_middle():
     assert out.shape == (8, 8) and out.min() > 200
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda d: None, "holds no PNG or JPEG images"),
-    (lambda d: (d / "bad.png").write_bytes(b"not a png"), "cannot read image .*bad.png"),
-    (lambda d: (_write(d / "a.png", np.zeros((4, 4, 3), np.uint8)), _write(d / "b.png", np.zeros((4, 4), np.uint8))),
-     r"image .*b.png has 1 channels, but .*a.png has 3"),
-])
-def test_folder_errors_name_the_file(tmp_path, make, message):
-    make(tmp_path)
-    with pytest.raises(ip.DataError, match=message):
+def test_a_folder_without_images_is_refused(tmp_path):
+    with pytest.raises(ip.DataError, match="holds no PNG or JPEG images"):
         ip.load(str(tmp_path), 8)
 
 
-def test_truncated_image_is_named(tmp_path):
-    _write(tmp_path / "ok.png", np.zeros((16, 16, 3), np.uint8))
-    full = tmp_path / "cut.png"
-    _write(full, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    full.write_bytes(full.read_bytes()[:200])
-    with pytest.raises(ip.DataError, match=r"cannot read image .*cut.png"):
-        ip.load(str(tmp_path), 8)
+def test_grey_and_colour_images_mix_as_colour(tmp_path):
+    _write(tmp_path / "a.png", np.full((4, 4), 200, np.uint8))
+    _write(tmp_path / "b.png", np.zeros((4, 4, 3), np.uint8))
+    data = ip.load(str(tmp_path), 4)
+    assert data.channels == 3 and data[0]["image"].shape == (4, 4, 3) and data[0]["image"].min() == 200
+
+
+def _folder_with_a_truncated_image(folder):
+    for i in range(4):
+        _write(folder / f"ok{i}.png", np.full((16, 16, 3), 40 * i, np.uint8))
+    cut = folder / "ok2_cut.png"
+    _write(cut, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    cut.write_bytes(cut.read_bytes()[:200])
+    return cut
+
+
+def test_an_unreadable_image_is_named_when_read(tmp_path):
+    cut = _folder_with_a_truncated_image(tmp_path)
+    data = ip.load(str(tmp_path), 8)  # start-up lists the files and decodes nothing but a sample
+    assert len(data) == 5 and data.files[3] == str(cut)
+    with pytest.raises(ip.DataError, match=r"cannot read image .*ok2_cut.png"):
+        data[3]
+
+
+def test_skip_bad_images_reads_the_next_one_and_counts(tmp_path):
+    _folder_with_a_truncated_image(tmp_path)
+    data = ip.load(str(tmp_path), 8, skip_bad_images=True)
+    example = data[3]
+    assert int(example["bad_images"]) == 1 and example["image"].min() == 120  # ok3.png stands in
+    assert int(data[2]["bad_images"]) == 0
 
 
 def test_npz(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((5, 8, 8, 3), np.uint8), labels=np.array([0, 1, 2, 1, 0]))
     data = ip.load(str(path), 8)
-    assert data.images.shape == (5, 8, 8, 3) and data.num_classes == 3
+    assert data.images.shape == (5, 8, 8, 3) and data.num_classes == 3 and data.in_memory
 
 
 @pytest.mark.parametrize("arrays,message", [
@@ -126,3 +143,58 @@ def test_processes_read_their_rows_of_the_same_global_batches():
     for step in range(3):
         joined = np.concatenate([parts[p][step]["image"] for p in range(3)])
         np.testing.assert_array_equal(joined, whole[step]["image"])
+
+
+def _colour_folder(folder, count=12, size=(10, 14)):
+    rng = np.random.default_rng(5)
+    for i in range(count):
+        _write(folder / ("a" if i % 3 else "b") / f"{i:03d}.png", rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+    return folder
+
+
+def test_workers_serve_the_same_batches_and_resume_by_index(tmp_path):
+    data = ip.load(str(_colour_folder(tmp_path)), 8)
+    dataset = ip.make_dataset(data, 4, seed=2, hflip=True)
+    here = ip.batches_from(dataset, 0, workers=0)
+    expected = [next(here) for _ in range(7)]  # past the first epoch (3 batches)
+    in_workers = ip.batches_from(dataset, 2, workers=2)
+    try:
+        for want in expected[2:]:
+            got = next(in_workers)
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["label"], want["label"])
+    finally:
+        in_workers.close()
+
+
+def test_packed_records_hold_what_the_folder_holds(tmp_path):
+    data = ip.load(str(_colour_folder(tmp_path / "images")), 8)
+    result = ip.pack(str(tmp_path / "images"), str(tmp_path / "packed"), 8, examples_per_shard=5, workers=2)
+    assert result["count"] == 12 and result["shards"] == 3
+    packed = ip.load(str(tmp_path / "packed"), 8)
+    assert len(packed) == 12 and packed.class_names == ("a", "b") and packed.channels == 3 and not packed.in_memory
+    for i in range(12):
+        np.testing.assert_array_equal(packed[i]["image"], data[i]["image"])
+        assert int(packed[i]["label"]) == int(data[i]["label"])
+    with pytest.raises(ip.DataError, match=r"holds 8x8 images, the model wants 16x16"):
+        ip.load(str(tmp_path / "packed"), 16)
+    with pytest.raises(FileExistsError, match="is not empty"):
+        ip.pack(str(tmp_path / "images"), str(tmp_path / "packed"), 8)
+
+
+def test_pack_command_line_packs_an_npz(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    images = np.random.default_rng(0).integers(0, 255, (7, 6, 6, 1), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.arange(7) % 2)
+    result = subprocess.run([sys.executable, "-m", "unet_flax.input_pipeline", "pack", str(tmp_path / "d.npz"),
+                             "--out", str(tmp_path / "out"), "--image-size", "6"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1])["count"] == 7
+    packed = ip.load(str(tmp_path / "out"), 6)
+    np.testing.assert_array_equal(np.stack([packed[i]["image"] for i in range(7)]), images)
+    bad = subprocess.run([sys.executable, "-m", "unet_flax.input_pipeline", "pack", str(tmp_path / "d.npz"),
+                          "--out", str(tmp_path / "out2"), "--image-size", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--image-size must be positive, got 0" in bad.stderr

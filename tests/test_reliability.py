@@ -1,5 +1,6 @@
 """Damaged checkpoints: resume falls back to the newest good one with a warning naming the damaged
 one, keeps it (renamed N.damaged), and never starts from scratch silently."""
+import json
 import shutil
 
 import jax
@@ -110,7 +111,6 @@ def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
 
 def test_skip_nonfinite_counts_the_skipped_steps(tmp_path):
     """With --skip-nonfinite a NaN/inf step changes nothing but is counted; the run finishes."""
-    import json
     result = run_train(tmp_path, "--steps", "4", "--save-every", "2", "--lr", "1e30", "--warmup-steps", "0",
                        "--grad-clip", "0", "--skip-nonfinite")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -123,3 +123,30 @@ def test_skip_nonfinite_counts_the_skipped_steps(tmp_path):
     assert int(state["step"]) - int(state["skipped_steps"]) == int(np.max([
         np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
         if "count" in jax.tree_util.keystr(path)]))
+
+
+def test_an_unreadable_image_mid_run_stops_in_one_line_and_can_be_skipped(tmp_path):
+    """Training reads images as it needs them: a broken one, met at some step, stops the run with one
+    line naming it (exit 1) and leaves the last checkpoint; --skip-bad-images resumes, passing over it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images"
+    for i in range(24):
+        path = data / ("x" if i % 2 else "y") / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(path)
+    broken = data / "x" / "017.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    workdir = tmp_path / "run"
+    stopped = run_train(workdir, "--data", str(data), "--steps", "12", "--save-every", "1", "--data-workers", "2",
+                        check=False)
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == f"error: cannot read image {broken}: image file is truncated"
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 12
+
+    resumed = summary(run_train(workdir, "--data", str(data), "--steps", "12", "--skip-bad-images"))
+    assert resumed["resumed_from"] == max(saved) and resumed["step"] == 12
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_images_total"] >= 1

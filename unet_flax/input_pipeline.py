@@ -1,47 +1,162 @@
-"""Training data: images as uint8 NHWC in memory, served by a grain pipeline.
+"""Training data: uint8 NHWC examples from a random-access source, served by a grain pipeline.
 
-Sources: scikit-learn's digits (the default, nothing downloaded), a folder of PNG/JPEG images
-(labels from sub-folder names), an .npz with uint8 NHWC `images` (and optional `labels`), or a
-CIFAR-10 "python version" folder. grain gives a deterministic per-seed order, reshuffled each
-epoch, and an iterator whose position is checkpointed with the model, so a resumed run sees the
-very batches an uninterrupted one would. Each process reads only its own rows of every global
-batch, and those rows do not depend on the number of processes.
+Sources: scikit-learn's digits (the default, nothing downloaded), an .npz with uint8 NHWC `images`
+(and optional `labels`) and a CIFAR-10 "python version" folder are held in memory; a folder of
+PNG/JPEG images (labels from sub-folder names) is only listed at start-up and each image is decoded,
+resized and centre-cropped when a batch needs it; a folder of ArrayRecord shards written by
+`python -m unet_flax.input_pipeline pack` holds examples ready to use, for the largest sets.
+
+The pipeline is a grain MapDataset: a deterministic per-seed order, reshuffled each epoch, batched,
+each process taking only its own rows of every global batch (rows that do not depend on the number
+of processes). Batch k is a pure function of k, so a run resumes from the number of batches it has
+consumed, whatever the number of grain worker processes that decode them. Batches stay uint8: the
+devices scale them.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import functools
+import json
+import multiprocessing
+import os
 import pickle
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+RECORDS_INFO = "unet_flax_records.json"  # marks a folder written by `pack`
+Example = dict[str, np.ndarray]
 
 
 class DataError(ValueError):
     """The data cannot be used; the message names the file or value."""
 
 
+class Source(Protocol):
+    """What the pipeline reads: random access to {'image': uint8 HWC, 'label': int32, 'bad_images': int32}
+    ('bad_images': unreadable files passed over to produce this example), and what the model needs."""
+
+    class_names: tuple[str, ...] | None
+    source: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Example: ...
+
+    @property
+    def channels(self) -> int: ...
+
+    @property
+    def num_classes(self) -> int | None: ...
+
+
+class _Classes:
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.class_names is None else len(self.class_names)
+
+
 @dataclasses.dataclass(frozen=True)
-class ImageData:
+class ImageData(_Classes):
+    """Images held in memory: the small sources."""
+
     images: np.ndarray  # uint8, (N, H, W, C)
     labels: np.ndarray | None  # int32, (N,)
     class_names: tuple[str, ...] | None
     source: str
-
-    @property
-    def num_classes(self) -> int | None:
-        return None if self.class_names is None else len(self.class_names)
+    in_memory = True
 
     @property
     def channels(self) -> int:
         return self.images.shape[-1]
 
+    def __len__(self) -> int:
+        return len(self.images)
 
-def load(path: str | None, image_size: int) -> ImageData:
-    """Load a data source and bring its images to image_size x image_size."""
+    def __getitem__(self, index: int) -> Example:
+        label = 0 if self.labels is None else self.labels[index]
+        return {"image": self.images[index], "label": np.int32(label), "bad_images": np.int32(0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFolder(_Classes):
+    """Image files, decoded when read (in grain's worker processes): start-up only lists them.
+
+    An unreadable file raises DataError naming it, or with `skip_bad` is passed over for the next
+    readable file (deterministically, so resume stays exact) and counted in the example."""
+
+    files: tuple[str, ...]
+    labels: np.ndarray | None  # int32, (N,)
+    class_names: tuple[str, ...] | None
+    source: str
+    image_size: int
+    mode: str  # "L" or "RGB": every image is converted to the first one's
+    skip_bad: bool = False
+    in_memory = False
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Example:
+        for tried in range(len(self.files)):
+            position = (index + tried) % len(self.files)
+            try:
+                image = decode_image(self.files[position], self.image_size, self.mode)
+            except DataError:
+                if not self.skip_bad:
+                    raise
+                continue
+            label = 0 if self.labels is None else self.labels[position]
+            return {"image": image, "label": np.int32(label), "bad_images": np.int32(tried)}
+        raise DataError(f"no image in {self.source} could be read")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedRecords(_Classes):
+    """ArrayRecord shards written by `pack`: each record a label (int32) and the uint8 pixels."""
+
+    paths: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...] | None
+    source: str
+    in_memory = False
+
+    @property
+    def channels(self) -> int:
+        return self.image_shape[-1]
+
+    @functools.cached_property
+    def _records(self) -> grain.sources.ArrayRecordDataSource:
+        return grain.sources.ArrayRecordDataSource(list(self.paths))
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> Example:
+        record = self._records[index]
+        label = np.frombuffer(record[:4], "<i4")[0]
+        image = np.frombuffer(record[4:], np.uint8).reshape(self.image_shape)
+        return {"image": image, "label": np.int32(label), "bad_images": np.int32(0)}
+
+    def __getstate__(self) -> dict:
+        # Worker processes open their own readers.
+        return {k: v for k, v in self.__dict__.items() if k != "_records"}
+
+
+def load(path: str | None, image_size: int, skip_bad_images: bool = False) -> Source:
+    """The data source at `path` (None: the digits), its images brought to image_size x image_size."""
     if path is None:
         return _digits(image_size)
     source = Path(path)
@@ -53,7 +168,9 @@ def load(path: str | None, image_size: int) -> ImageData:
         return _npz(source, image_size)
     if (source / "data_batch_1").exists():
         return _cifar10(source, image_size)
-    return _image_folder(source, image_size)
+    if (source / RECORDS_INFO).exists():
+        return _packed_records(source, image_size)
+    return _image_folder(source, image_size, skip_bad_images)
 
 
 def _resize(images: np.ndarray, image_size: int) -> np.ndarray:
@@ -124,73 +241,172 @@ def _cifar10(folder: Path, image_size: int) -> ImageData:
     return ImageData(_resize(np.concatenate(images), image_size), np.concatenate(labels), names, str(folder))
 
 
-def _image_folder(folder: Path, image_size: int) -> ImageData:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def _image_folder(folder: Path, image_size: int, skip_bad: bool) -> ImageFolder:
+    """Lists the files (labels from sub-folder names) and reads the first, for the channel count."""
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"data folder {folder} holds no PNG or JPEG images")
-    class_dirs = sorted({p.parent.relative_to(folder).as_posix() for p in files})
-    labelled = class_dirs != ["."]
-    images, channels = [], None
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                image.load()
-                mode = "L" if image.mode in ("L", "LA", "I", "I;16", "1") else "RGB"
-                array = _resize_center_crop(image.convert(mode), image_size)
-        except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"cannot read image {path}: {error}") from None
-        array = array[..., None] if array.ndim == 2 else array
-        if channels is None:
-            channels, first = array.shape[-1], path
-        elif array.shape[-1] != channels:
-            raise DataError(f"image {path} has {array.shape[-1]} channels, but {first} has {channels}: "
-                            f"convert the folder to one mode")
-        images.append(array)
+    parents = [os.path.relpath(os.path.dirname(f), folder) for f in files]
+    class_names = tuple(sorted(set(parents)))
     labels, names = None, None
-    if labelled:
-        names = tuple(class_dirs)
-        labels = np.asarray([names.index(p.parent.relative_to(folder).as_posix()) for p in files], np.int32)
-    return ImageData(np.stack(images), labels, names, str(folder))
+    if class_names != (".",):
+        names = class_names
+        index = {name: i for i, name in enumerate(names)}
+        labels = np.asarray([index[p] for p in parents], np.int32)
+    # Colour if any of up to 16 files spread over the folder is: a grey first file decides nothing alone.
+    # An unreadable one among them is left to fail (or be skipped) when training reads it.
+    modes, error = set(), None
+    for path in files[::max(1, len(files) // 16)]:
+        try:
+            with _opened(path) as image:
+                modes.add("L" if image.mode in ("L", "LA", "I", "I;16", "1") else "RGB")
+        except DataError as unreadable:
+            error = error or unreadable
+    if not modes:
+        raise error
+    return ImageFolder(tuple(files), labels, names, str(folder), image_size, "RGB" if "RGB" in modes else "L",
+                       skip_bad)
+
+
+class _opened:
+    """Image.open with any failure to read reported as DataError naming the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> Image.Image:
+        try:
+            self.image = Image.open(self.path)
+            self.image.load()
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise DataError(f"cannot read image {self.path}: {error}") from None
+        return self.image
+
+    def __exit__(self, *exc) -> None:
+        self.image.close()
+
+
+def decode_image(path: str, image_size: int, mode: str) -> np.ndarray:
+    """uint8 (image_size, image_size, channels): converted to `mode`, resized and centre-cropped."""
+    with _opened(path) as image:
+        array = _resize_center_crop(image.convert(mode), image_size)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _packed_records(folder: Path, image_size: int) -> PackedRecords:
+    try:
+        info = json.loads((folder / RECORDS_INFO).read_text())
+        shape = tuple(info["image_shape"])
+        paths = tuple(str(folder / name) for name in info["shards"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(f"cannot read {folder / RECORDS_INFO}: {error}") from None
+    if shape[:2] != (image_size, image_size):
+        raise DataError(f"{folder} holds {shape[0]}x{shape[1]} images, the model wants {image_size}x{image_size}: "
+                        f"pack the source again with --image-size {image_size}")
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{folder}: shard {missing[0]} is missing")
+    names = None if info.get("class_names") is None else tuple(info["class_names"])
+    return PackedRecords(paths, shape, names, str(folder))
+
+
+# -- packing a source into ArrayRecord shards -----------------------------------------------------
+
+def pack(source: str, out: str, image_size: int, examples_per_shard: int = 10_000,
+         workers: int | None = None) -> dict:
+    """Write `source` (anything `load` reads) as ArrayRecord shards in `out`, decoding on every core."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    data = load(source, image_size)
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; choose a new --out (nothing was written)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = len(data)
+    num_shards = max(1, -(-count // examples_per_shard))
+    shards = [f"data-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
+    start = time.time()
+    # Sources that decode get a pool of processes, each handed the source once; the others are in memory.
+    pool = None if data.in_memory else multiprocessing.get_context("spawn").Pool(
+        workers or os.cpu_count(), initializer=_set_packing_source, initargs=(data,))
+    if pool is None:
+        _set_packing_source(data)
+    try:
+        for shard, name in enumerate(shards):
+            writer = ArrayRecordWriter(str(out_dir / name), "group_size:1")
+            indices = range(shard * examples_per_shard, min(count, (shard + 1) * examples_per_shard))
+            for record in (map(_encode, indices) if pool is None else pool.imap(_encode, indices, chunksize=64)):
+                writer.write(record)
+            writer.close()
+    finally:
+        if pool is not None:
+            pool.close()
+    image_shape = [image_size, image_size, data.channels]
+    info = {"format": "unet_flax records v1", "count": count, "image_shape": image_shape, "shards": shards,
+            "class_names": None if data.class_names is None else list(data.class_names), "packed_from": source}
+    (out_dir / RECORDS_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return {"out": str(out_dir), "count": count, "shards": num_shards, "image_shape": image_shape,
+            "wall_s": round(time.time() - start, 2)}
+
+
+_packing_source: Source | None = None
+
+
+def _set_packing_source(data: Source) -> None:
+    global _packing_source
+    _packing_source = data
+
+
+def _encode(index: int) -> bytes:
+    example = _packing_source[index]
+    return np.int32(example["label"]).astype("<i4").tobytes() + np.ascontiguousarray(example["image"]).tobytes()
 
 
 # -- the grain pipeline ---------------------------------------------------------------------------
 
-class _Examples:
-    """Random access to (image, label) pairs, as grain's MapDataset.source wants."""
-
-    def __init__(self, data: ImageData):
-        self.images = data.images
-        self.labels = np.zeros(len(data.images), np.int32) if data.labels is None else data.labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"image": self.images[index], "label": self.labels[index]}
-
-
-def _random_flip(example: dict, rng: np.random.Generator) -> dict:
+def _random_flip(example: Example, rng: np.random.Generator) -> Example:
     if rng.random() < 0.5:
         example = {**example, "image": example["image"][:, ::-1]}
     return example
 
 
-def _to_model_range(batch: dict) -> dict:
-    return {"image": to_model_range(batch["image"]), "label": batch["label"]}
-
-
-def make_dataset(data: ImageData, global_batch: int, seed: int, hflip: bool = False,
+def make_dataset(data: Source, global_batch: int, seed: int, hflip: bool = False,
                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Endless batches of this process's rows: global batch b is local batches b*P .. b*P+P-1."""
+    """Endless uint8 batches of this process's rows: element k is this process's share of global batch k."""
     if global_batch % process_count:
         raise DataError(f"batch size {global_batch} is not divisible by the {process_count} processes")
     local_batch = global_batch // process_count
-    dataset = grain.MapDataset.source(_Examples(data)).shuffle(seed=seed).repeat(None)
+    dataset = grain.MapDataset.source(data).shuffle(seed=seed).repeat(None)
     if hflip:
         dataset = dataset.random_map(_random_flip, seed=seed + 1)
     dataset = dataset.batch(local_batch, drop_remainder=True)
-    dataset = dataset.slice(slice(process_index, None, process_count))
-    return dataset.map(_to_model_range)
+    return dataset.slice(slice(process_index, None, process_count)).map(_count_bad_images)
+
+
+def _count_bad_images(batch: Example) -> Example:
+    # One count per batch. Also keeps grain's batching from writing into shared memory (see batches_from).
+    return {**batch, "bad_images": np.int32(batch["bad_images"].sum())}
+
+
+def default_workers(data: Source) -> int:
+    """Worker processes for decoding: none for sources in memory (nothing to decode), else one per core."""
+    return 0 if data.in_memory else min(os.cpu_count() or 1, 16)
+
+
+def batches_from(dataset: grain.MapDataset, start: int, workers: int) -> Iterator[Example]:
+    """Batches `start`, `start` + 1, ... of `dataset`, decoded by `workers` grain processes (0: here).
+    The iterator has `close()`; its batches do not depend on `workers`."""
+    iterable = dataset.slice(slice(start, None)).to_iter_dataset()
+    if workers > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, which only absl apps parse
+            flags.FLAGS.mark_as_parsed()
+        # Batches come back pickled, not in shared memory: what is in flight when the run ends would
+        # otherwise stay behind for Python's resource tracker to unlink, with a warning, at exit.
+        iterable = grain.experimental.WithOptionsIterDataset(
+            iterable, grain.experimental.DatasetOptions(min_shm_size=2**62))
+        iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    return iter(iterable)
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
@@ -200,3 +416,32 @@ def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8, clipped."""
     return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import UsageError, run_command
+
+    parser = argparse.ArgumentParser(prog="python -m unet_flax.input_pipeline",
+                                     description="Prepare training data for the largest sets.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    packer = commands.add_parser("pack", help="an image folder, an .npz or a CIFAR-10 folder -> ArrayRecord "
+                                              "shards that train.py --data reads")
+    packer.add_argument("source", help="what train.py --data accepts")
+    packer.add_argument("--out", required=True, help="a new or empty folder for the shards")
+    packer.add_argument("--image-size", type=int, required=True, help="images are resized and centre-cropped to it")
+    packer.add_argument("--examples-per-shard", type=int, default=10_000)
+    packer.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    args = parser.parse_args(argv)
+
+    def run(args: argparse.Namespace) -> dict:
+        for name in ("image_size", "examples_per_shard", "workers"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        return pack(args.source, args.out, args.image_size, args.examples_per_shard, args.workers)
+    return run_command(run, args, (FileNotFoundError, FileExistsError, DataError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
