@@ -147,11 +147,19 @@ class DeviceFeed:
         self.in_flight = collections.deque()
 
     def __next__(self):
-        while len(self.in_flight) < self.depth:
-            batch = next(self.batches)
+        while len(self.in_flight) < self.depth and not (self.in_flight and
+                                                         isinstance(self.in_flight[-1], Exception)):
+            try:
+                batch = next(self.batches)
+            except input_pipeline.DataError as error:  # raised when its batch is due, not before
+                self.in_flight.append(error)
+                break
             bad = int(batch.pop("bad_images"))
             self.in_flight.append((self.parallel.put_batch(batch), bad))
-        batch, bad = self.in_flight.popleft()
+        item = self.in_flight.popleft()
+        if isinstance(item, Exception):
+            raise item
+        batch, bad = item
         self.consumed, self.bad_images = self.consumed + 1, self.bad_images + bad
         return batch
 
@@ -315,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use_xla_cpu_convolutions()
     cache = os.environ.get("UNET_FLAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "unet_flax" / "xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)  # a second run does not compile again
+    jax.config.update("jax_compilation_cache_dir", cache)  # a restarted run does not compile again
+    # Also the many small programs (placing the state, checkpointing), about 30 ms each to compile.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     return run_command(train, args, (TrainingError, input_pipeline.DataError))
 
 

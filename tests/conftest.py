@@ -6,9 +6,17 @@ what the subprocess tests compare. `python -m pytest --gpu` runs the tests marke
 on the GPU: the parity suite, cuDNN attention, bf16 training and sampling.
 """
 import os
+import shutil
+import tempfile
 
 # Must precede the first `import jax` of the session: data-parallel tests need several devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# One compilation cache for the session, shared with the train.py processes the tests start: each
+# program compiles once per run of the suite, small ones included.
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="unet_flax_test_xla_")
+os.environ["UNET_FLAX_COMPILATION_CACHE"] = COMPILATION_CACHE
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import collections  # noqa: E402
 
@@ -66,6 +74,10 @@ def record_error():
     def record(module: str, quantity: str, error: float) -> None:
         PARITY_ERRORS[module, quantity] = max(PARITY_ERRORS[module, quantity], float(error))
     return record
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -62,7 +62,7 @@ CASES = [
     (T, ["--num-heads", "3"], 2, "channels (8) must be divisible by num_heads (3)"),
     (T, ["--data", "{root}/nowhere"], 1, "data path '{root}/nowhere' does not exist"),
     (T, ["--data", "{root}/empty"], 1, "{root}/empty holds no PNG or JPEG images"),
-    (T, ["--data", "{root}/truncated"], 1, "cannot read image {root}/truncated/cut.png"),
+    (T, ["--data", "{root}/truncated", "--no-class-conditional"], 1, "cannot read image {root}/truncated/cut.png"),
     (T, ["--data", "{root}/no_images.npz"], 1, "has no 'images' array (found: pictures)"),
     (T, ["--data", "{root}/float.npz"], 1, "'images' must be uint8 NHWC with 1 or 3 channels, got float32"),
     (T, ["--data", "{root}/rank3.npz"], 1, "got uint8 with shape (4, 8, 8)"),

@@ -14,13 +14,14 @@ from unet_flax.train_config import PRESETS
 from commands import ROOT
 
 WARMUP_STEPS = 3  # bench.py's untimed calls before each timed group
+BATCH = 16
 
 
 def test_bench_digits_cpu_writes_the_documented_json(tmp_path):
     out = tmp_path / "digits.json"
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--preset", "digits", "--steps", "1",
-                             "--cpu-devices", "2", "--no-sampling", "--json", str(out)],
+                             "--batch-size", str(BATCH), "--cpu-devices", "2", "--no-sampling", "--json", str(out)],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     wall_s = time.perf_counter() - start
     assert result.returncode == 0, result.stderr[-2000:]
@@ -35,8 +36,8 @@ def test_bench_digits_cpu_writes_the_documented_json(tmp_path):
     # The parameter count and XLA's FLOP count, against the model built here.
     config = PRESETS["digits"]
     model_config = dataclasses.replace(config.model, num_classes=10)
-    x = jax.ShapeDtypeStruct((config.batch_size, 16, 16, 1), "float32")
-    t = y = jax.ShapeDtypeStruct((config.batch_size,), "int32")
+    x = jax.ShapeDtypeStruct((BATCH, 16, 16, 1), "float32")
+    t = y = jax.ShapeDtypeStruct((BATCH,), "int32")
     params = jax.eval_shape(UNet(model_config).init, jax.random.key(0), x, t, y)["params"]
     assert run["parameters"] == sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
     forward = jax.jit(UNet(model_config).apply).lower({"params": params}, x, t, y).cost_analysis()

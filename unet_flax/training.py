@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import diffusion
 from .train_config import TrainConfig
-from .unet_config import ConfigError
+from .unet_config import ConfigError, UNetConfig
 from .model import UNet
 
 DATA_AXIS = "data"
@@ -72,21 +72,25 @@ def ema_decay(config: TrainConfig, step: jax.Array) -> jax.Array:
     return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def example_inputs(config: TrainConfig, batch_size: int = 1) -> tuple:
-    m = config.model
+def example_inputs(config: TrainConfig | UNetConfig, batch_size: int = 1) -> tuple:
+    m = config.model if isinstance(config, TrainConfig) else config
     x = jnp.zeros((batch_size, m.image_size, m.image_size, m.in_channels), jnp.float32)
     y = None if m.num_classes is None else jnp.zeros((batch_size,), jnp.int32)
     return x, jnp.zeros((batch_size,), jnp.int32), y
 
 
-@functools.partial(jax.jit, static_argnames="config")
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(model: UNetConfig, rng: jax.Array) -> Any:
+    """The U-Net's initial parameters, from one compiled program: run op by op, Flax's init compiles
+    each of its hundreds of small operations apart (25 s of a tiny run's start on a 2-core CPU)."""
+    return UNet(model).init(rng, *example_inputs(model))["params"]
+
+
 def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
-    """The initial state, from one compiled program: run op by op, Flax's init would compile each of
-    its hundreds of small operations apart (25 s of a tiny run's start on a 2-core CPU)."""
-    params = UNet(config.model).init(rng, *example_inputs(config))["params"]
+    params = init_params(config.model, rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree_util.tree_map(jnp.copy, params),
-                      opt_state=make_optimizer(config).init(params), skipped_steps=jnp.zeros((), jnp.int32))
+                      opt_state=jax.jit(make_optimizer(config).init)(params), skipped_steps=jnp.zeros((), jnp.int32))
 
 
 def make_train_step(config: TrainConfig) -> StepFn:
