@@ -12,9 +12,9 @@ import mmap
 import os
 import pkgutil
 import sys
-from collections.abc import Callable
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
