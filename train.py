@@ -145,21 +145,20 @@ class DeviceFeed:
         self.batches = input_pipeline.batches_from(dataset, self.consumed, workers)
         self.parallel, self.depth = parallel, depth
         self.in_flight = collections.deque()
+        self.error = None  # a DataError met while reading ahead: raised when its batch is due, not before
 
     def __next__(self):
-        while len(self.in_flight) < self.depth and not (self.in_flight and
-                                                         isinstance(self.in_flight[-1], Exception)):
+        while len(self.in_flight) < self.depth and self.error is None:
             try:
                 batch = next(self.batches)
-            except input_pipeline.DataError as error:  # raised when its batch is due, not before
-                self.in_flight.append(error)
+            except input_pipeline.DataError as error:
+                self.error = error
                 break
             bad = int(batch.pop("bad_images"))
             self.in_flight.append((self.parallel.put_batch(batch), bad))
-        item = self.in_flight.popleft()
-        if isinstance(item, Exception):
-            raise item
-        batch, bad = item
+        if not self.in_flight:
+            raise self.error
+        batch, bad = self.in_flight.popleft()
         self.consumed, self.bad_images = self.consumed + 1, self.bad_images + bad
         return batch
 
