@@ -129,6 +129,26 @@ def test_residual_block_large_mean_input(mean, std, record_error):
                   uf.ResidualBlock(16, 4, num_groups=4), inputs, record_error, float64_reference=True)
 
 
+@pytest.mark.parametrize("in_channels,out_channels,time_conditioning,eps,output_scale", [
+    (12, 20, "additive", 1e-6, 1.0),      # DDPM's block: the projection added before norm2
+    (8, 8, "additive", 1e-3, 2 ** 0.5),   # identity skip, a middle block's scale factor
+    (6, 12, "scale_shift", 1e-6, 0.7),
+])
+def test_residual_block_variants(in_channels, out_channels, time_conditioning, eps, output_scale, record_error):
+    inputs = [images(in_channels), torch.randn(3, 10, generator=torch.Generator().manual_seed(7))]
+    assert_parity(f"ResidualBlock {time_conditioning}",
+                  ref.ResidualBlock(in_channels, out_channels, 10, 2, 0.0, eps, time_conditioning, output_scale),
+                  uf.ResidualBlock(out_channels, 10, 2, 0.0, epsilon=eps, time_conditioning=time_conditioning,
+                                   output_scale=output_scale), inputs, record_error)
+
+
+@pytest.mark.parametrize("normalize,eps,output_scale", [(False, 1e-5, 2 ** 0.5), (True, 1e-3, 0.5)])
+def test_attention_block_variants(normalize, eps, output_scale, record_error):
+    assert_parity(f"AttentionBlock norm={normalize}", ref.AttentionBlock(12, 3, 4, eps, normalize, output_scale),
+                  uf.AttentionBlock(3, 4, epsilon=eps, normalize=normalize, output_scale=output_scale),
+                  [images(12, 4, 5)], record_error)
+
+
 @pytest.mark.parametrize("channels,num_heads,num_groups,height,width", [
     (12, 3, 4, 5, 7),
     (16, 1, 8, 4, 3),
@@ -152,6 +172,12 @@ def test_downsample(height, width, record_error):
     assert_parity("Downsample", ref.Downsample(6), uf.Downsample(), [images(6, height, width)], record_error)
 
 
+@pytest.mark.parametrize("height,width", [(5, 7), (6, 4), (3, 2)])
+def test_downsample_bottom_right(height, width, record_error):
+    assert_parity("Downsample bottom_right", ref.Downsample(6, "bottom_right"), uf.Downsample(padding="bottom_right"),
+                  [images(6, height, width)], record_error)
+
+
 @pytest.mark.parametrize("height,width", [(5, 7), (2, 3)])
 def test_upsample(height, width, record_error):
     assert_parity("Upsample", ref.Upsample(6), uf.Upsample(), [images(6, height, width)], record_error)
@@ -163,6 +189,23 @@ def test_timestep_embedding(channels, embed_dim, record_error):
     t = torch.tensor([0, 1, 17, 500, 999])
     assert_parity("TimestepEmbedding", ref.TimestepEmbedding(channels, embed_dim),
                   uf.TimestepEmbedding(channels, embed_dim), [t], record_error)
+
+
+@pytest.mark.parametrize("order,shift", [("sin_cos", 1.0), ("cos_sin", 1.0), ("sin_cos", 0.0)])
+def test_timestep_embedding_variants(order, shift, record_error):
+    t = torch.tensor([0, 3, 250, 998, 999])
+    assert_parity(f"TimestepEmbedding {order} shift {shift:g}", ref.TimestepEmbedding(14, 20, order, shift),
+                  uf.TimestepEmbedding(14, 20, order=order, frequency_shift=shift), [t], record_error)
+
+
+def test_sinusoid_order_and_shift():
+    """[sin, cos] is [cos, sin] with its halves swapped; the shift divides the exponent by half - shift."""
+    t = np.array([0, 7, 999])
+    cos_sin = np.asarray(uf.timestep_embedding(t, 8, "cos_sin", 1.0))
+    sin_cos = np.asarray(uf.timestep_embedding(t, 8, "sin_cos", 1.0))
+    np.testing.assert_array_equal(sin_cos, np.concatenate([cos_sin[:, 4:], cos_sin[:, :4]], axis=1))
+    frequencies = np.exp(-np.log(10000.0) * np.arange(4) / 3)
+    np.testing.assert_allclose(sin_cos[:, :4], np.sin(t[:, None] * frequencies), atol=1e-4)
 
 
 def test_sinusoid_matches_reference():

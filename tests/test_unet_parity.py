@@ -28,6 +28,19 @@ CONFIGS = {
     # Three levels, attention at two sizes, odd multiplier, 2 res blocks per level.
     "three-level": (UNetConfig(in_channels=1, base_channels=8, channel_mults=(1, 2, 3), num_res_blocks=2,
                                attention_resolutions=(8, 4), image_size=16, num_heads=2, num_groups=4), (12, 20)),
+    # diffusers' DDPM variants: time added before norm2, eps 1e-6, [sin, cos] with shift 1, heads sized by
+    # head_dim, right/bottom downsample padding, centred input, scaled middle without its attention norm,
+    # labels without a null label.
+    "ddpm-variants": (UNetConfig(in_channels=3, base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1,
+                                 attention_resolutions=(8,), image_size=16, num_groups=4, head_dim=4,
+                                 time_conditioning="additive", norm_eps=1e-6, timestep_embedding_order="sin_cos",
+                                 timestep_frequency_shift=1.0, downsample_padding="bottom_right",
+                                 center_input=True, mid_block_scale_factor=2 ** 0.5, mid_attention_norm=False,
+                                 num_classes=3, null_label=False), (12, 20)),
+    # No middle attention; scale-shift with a large epsilon.
+    "no-mid-attention": (UNetConfig(in_channels=2, base_channels=8, channel_mults=(1, 3), num_res_blocks=2,
+                                    attention_resolutions=(16,), image_size=16, num_heads=2, num_groups=2,
+                                    norm_eps=1e-3, mid_attention=False), (10, 6)),
 }
 
 
@@ -36,7 +49,8 @@ def make_inputs(config: UNetConfig, size, seed=0):
     batch = 3
     x = torch.randn(batch, config.in_channels, *size, generator=generator)
     t = torch.tensor([0, 421, 999])
-    y = None if config.num_classes is None else torch.tensor([0, config.num_classes - 1, config.num_classes])
+    last = config.num_classes if config.null_label else 1  # the null label where there is one
+    y = None if config.num_classes is None else torch.tensor([0, config.num_classes - 1, last])
     context = None if config.context_dim is None else torch.randn(batch, 4, config.context_dim, generator=generator)
     return x, t, y, context
 
@@ -118,6 +132,25 @@ def test_bfloat16_computation(case, record_error):
     error = rel_error(to_nchw(actual), expected)
     record_error(f"UNet {name} bf16", "forward", error)
     assert 1e-4 < error <= BF16_TOLERANCE
+
+
+def test_variants_change_the_output():
+    """Each variant option changes the network's output: none of them is silently ignored."""
+    config, size = CONFIGS["ddpm-variants"]
+    _, _, _, model, params, _, (x, t, y, _) = build_case("ddpm-variants")
+    reference = model.apply({"params": params}, x, t, y)
+    changes = dict(time_conditioning="scale_shift", norm_eps=1e-2, timestep_embedding_order="cos_sin",
+                   timestep_frequency_shift=0.0, head_dim=8, downsample_padding="symmetric",
+                   center_input=False, mid_block_scale_factor=1.0, mid_attention_norm=True, mid_attention=False)
+    for name, value in changes.items():
+        variant = UNet(dataclasses.replace(config, **{name: value}))
+        variant_params = jax.eval_shape(variant.init, jax.random.key(0), x, t, y)["params"]
+        same_shapes = jax.tree_util.tree_structure(variant_params) == jax.tree_util.tree_structure(params) and all(
+            a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(variant_params), jax.tree_util.tree_leaves(params)))
+        if same_shapes:
+            assert rel_error(variant.apply({"params": params}, x, t, y), reference) > 1e-3, name
+        else:
+            assert name in ("time_conditioning", "mid_attention_norm", "mid_attention"), name
 
 
 def test_null_label_is_default():

@@ -48,13 +48,17 @@ class GroupNorm(nn.Module):
         return (normalized * scale + bias).astype(self.dtype)
 
 
-def group_norm(num_groups: int, dtype: Dtype, name: str | None = None) -> GroupNorm:
-    return GroupNorm(num_groups, dtype=dtype, name=name)
+def group_norm(num_groups: int, epsilon: float, dtype: Dtype, name: str | None = None) -> GroupNorm:
+    return GroupNorm(num_groups, epsilon, dtype, name=name)
 
 
-def conv3x3(features: int, dtype: Dtype, stride: int = 1, name: str | None = None) -> nn.Conv:
-    # Explicit (1, 1) padding: 'SAME' pads (0, 1) at stride 2, where torch's padding=1 pads (1, 1).
-    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
+# Explicit padding: 'SAME' pads (0, 1) at stride 2, where torch's padding=1 pads (1, 1).
+CONV3X3_PADDING = {"symmetric": ((1, 1), (1, 1)), "bottom_right": ((0, 1), (0, 1))}
+
+
+def conv3x3(features: int, dtype: Dtype, stride: int = 1, padding: str = "symmetric",
+            name: str | None = None) -> nn.Conv:
+    return nn.Conv(features, (3, 3), strides=(stride, stride), padding=CONV3X3_PADDING[padding],
                    dtype=dtype, name=name)
 
 
@@ -62,30 +66,39 @@ def conv1x1(features: int, dtype: Dtype, name: str | None = None) -> nn.Conv:
     return nn.Conv(features, (1, 1), dtype=dtype, name=name)
 
 
-def timestep_embedding(t: Array, dim: int) -> Array:
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, [cos, sin]."""
-    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.asarray(timestep_frequencies(dim))[None, :]
-    embedding = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+def timestep_embedding(t: Array, dim: int, order: str = "cos_sin", shift: float = 0.0) -> Array:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, [cos, sin] or [sin, cos]."""
+    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.asarray(timestep_frequencies(dim, shift))[None, :]
+    waves = [jnp.cos(args), jnp.sin(args)]
+    embedding = jnp.concatenate(waves if order == "cos_sin" else waves[::-1], axis=-1)
     return jnp.pad(embedding, ((0, 0), (0, dim % 2)))
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm (scale/shift from t_emb) -> SiLU -> conv3x3, + skip."""
+    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm (scale/shift from t_emb) -> SiLU -> conv3x3, + skip.
+
+    `time_conditioning='additive'` adds the projected t_emb before norm2 instead (DDPM's block);
+    the sum with the skip is divided by `output_scale`.
+    """
 
     out_channels: int
     time_emb_dim: int | None = None
     num_groups: int = 32
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
+    epsilon: float = GROUP_NORM_EPSILON
+    time_conditioning: str = "scale_shift"
+    output_scale: float = 1.0
 
     def setup(self) -> None:
-        self.norm1 = group_norm(self.num_groups, self.dtype)
+        self.norm1 = group_norm(self.num_groups, self.epsilon, self.dtype)
         self.conv1 = conv3x3(self.out_channels, self.dtype)
         self.time_mlp = None
         if self.time_emb_dim is not None:
-            # For scale and shift
-            self.time_mlp = nn.Sequential([nn.silu, nn.Dense(self.out_channels * 2, dtype=self.dtype)])
-        self.norm2 = group_norm(self.num_groups, self.dtype)
+            # For scale and shift (or one added term)
+            width = self.out_channels * (2 if self.time_conditioning == "scale_shift" else 1)
+            self.time_mlp = nn.Sequential([nn.silu, nn.Dense(width, dtype=self.dtype)])
+        self.norm2 = group_norm(self.num_groups, self.epsilon, self.dtype)
         self.conv2 = conv3x3(self.out_channels, self.dtype)
         self.activation = nn.silu
         self.drop = nn.Dropout(self.dropout)
@@ -107,8 +120,11 @@ class ResidualBlock(nn.Module):
         h = self.conv1(h)
         if self.time_mlp is not None and t_emb is not None:
             time_encoding = self.time_mlp(t_emb)[:, None, None, :]
-            scale, shift = jnp.split(time_encoding, 2, axis=-1)
-            h = self.norm2(h) * (1 + scale) + shift  # Modulate features
+            if self.time_conditioning == "additive":
+                h = self.norm2(h + time_encoding)
+            else:
+                scale, shift = jnp.split(time_encoding, 2, axis=-1)
+                h = self.norm2(h) * (1 + scale) + shift  # Modulate features
         else:
             h = self.norm2(h)
         h = self.activation(h)
@@ -116,7 +132,7 @@ class ResidualBlock(nn.Module):
         h = self.conv2(h)
         if x.shape[-1] != self.out_channels:
             residual = self.skip_connection(residual)
-        return h + residual
+        return (h + residual) / self.output_scale
 
 
 def attention_implementation(requested: str, dtype: Dtype, head_dim: int) -> str:
@@ -153,12 +169,18 @@ def _split_heads(x: Array, parts: int, num_heads: int) -> tuple[Array, ...]:
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the h*w positions: GroupNorm -> to_qkv -> attention -> to_out, + x."""
+    """Multi-head self-attention over the h*w positions: GroupNorm -> to_qkv -> attention -> to_out, + x.
+
+    `normalize=False` drops the GroupNorm; the sum with x is divided by `output_scale`.
+    """
 
     num_heads: int = 8
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"  # see attention_implementation(); 'cudnn' only for bf16/fp16 on GPU
+    epsilon: float = GROUP_NORM_EPSILON
+    normalize: bool = True
+    output_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -166,13 +188,15 @@ class AttentionBlock(nn.Module):
         check_divisible(c, self.num_groups, "num_groups")
         check_divisible(c, self.num_heads, "num_heads")
         residual = x
-        qkv = conv1x1(c * 3, self.dtype, name="to_qkv")(group_norm(self.num_groups, self.dtype, name="norm")(x))
+        if self.normalize:
+            x = group_norm(self.num_groups, self.epsilon, self.dtype, name="norm")(x)
+        qkv = conv1x1(c * 3, self.dtype, name="to_qkv")(x)
         q, k, v = _split_heads(qkv, 3, self.num_heads)
         implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1])
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         out = out.reshape(b, h, w, c)
         out = conv1x1(c, self.dtype, name="to_out")(out)
-        return out + residual  # Add residual connection
+        return (out + residual) / self.output_scale  # Add residual connection
 
 
 class CrossAttentionBlock(nn.Module):
@@ -182,6 +206,8 @@ class CrossAttentionBlock(nn.Module):
     num_groups: int = 32
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    epsilon: float = GROUP_NORM_EPSILON
+    output_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
@@ -191,7 +217,7 @@ class CrossAttentionBlock(nn.Module):
         if context.ndim != 3 or context.shape[0] != b:
             raise ValueError(f"context must have shape (batch={b}, length, context_dim), got {context.shape}")
         residual = x
-        q = conv1x1(c, self.dtype, name="to_q")(group_norm(self.num_groups, self.dtype, name="norm")(x))
+        q = conv1x1(c, self.dtype, name="to_q")(group_norm(self.num_groups, self.epsilon, self.dtype, name="norm")(x))
         kv = nn.Dense(c * 2, dtype=self.dtype, name="to_kv")(context)
         (q,) = _split_heads(q, 1, self.num_heads)
         k, v = _split_heads(kv, 2, self.num_heads)
@@ -199,17 +225,18 @@ class CrossAttentionBlock(nn.Module):
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         out = out.reshape(b, h, w, c)
         out = conv1x1(c, self.dtype, name="to_out")(out)
-        return out + residual
+        return (out + residual) / self.output_scale
 
 
 class Downsample(nn.Module):
-    """Stride-2 conv3x3, padded 1 on every side."""
+    """Stride-2 conv3x3, padded 1 on every side ('symmetric') or after the last row and column only."""
 
     dtype: Dtype = jnp.float32
+    padding: str = "symmetric"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return conv3x3(x.shape[-1], self.dtype, stride=2, name="conv")(x)
+        return conv3x3(x.shape[-1], self.dtype, stride=2, padding=self.padding, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -230,6 +257,8 @@ class TimestepEmbedding(nn.Module):
     channels: int
     embed_dim: int
     dtype: Dtype = jnp.float32
+    order: str = "cos_sin"
+    frequency_shift: float = 0.0
 
     def setup(self) -> None:
         self.mlp = nn.Sequential([
@@ -239,26 +268,36 @@ class TimestepEmbedding(nn.Module):
         ])
 
     def __call__(self, t: Array) -> Array:
-        return self.mlp(timestep_embedding(t, self.channels))
+        return self.mlp(timestep_embedding(t, self.channels, self.order, self.frequency_shift))
 
 
 class ResAttnBlock(nn.Module):
-    """A ResidualBlock, followed at low resolution by self-attention (and cross-attention with a context)."""
+    """A ResidualBlock, followed at low resolution by self-attention (and cross-attention with a context).
+
+    In the middle of the U-Net (`middle`) every residual sum is divided by mid_block_scale_factor and
+    the self-attention's GroupNorm follows mid_attention_norm.
+    """
 
     out_channels: int
     time_emb_dim: int
     attention: bool
     config: UNetConfig
+    middle: bool = False
 
     def setup(self) -> None:
         cfg, dtype = self.config, jnp.dtype(self.config.dtype)
-        self.resnet = ResidualBlock(self.out_channels, self.time_emb_dim, cfg.num_groups, cfg.dropout, dtype)
+        scale = cfg.mid_block_scale_factor if self.middle else 1.0
+        heads = cfg.attention_heads(self.out_channels) if self.attention else None
+        self.resnet = ResidualBlock(self.out_channels, self.time_emb_dim, cfg.num_groups, cfg.dropout, dtype,
+                                    cfg.norm_eps, cfg.time_conditioning, scale)
         self.attn = None
         self.cross_attn = None
         if self.attention:
-            self.attn = AttentionBlock(cfg.num_heads, cfg.num_groups, dtype, cfg.attention_impl)
+            self.attn = AttentionBlock(heads, cfg.num_groups, dtype, cfg.attention_impl, cfg.norm_eps,
+                                       cfg.mid_attention_norm or not self.middle, scale)
             if cfg.context_dim is not None:
-                self.cross_attn = CrossAttentionBlock(cfg.num_heads, cfg.num_groups, dtype, cfg.attention_impl)
+                self.cross_attn = CrossAttentionBlock(heads, cfg.num_groups, dtype, cfg.attention_impl,
+                                                      cfg.norm_eps, scale)
 
     def __call__(self, x: Array, t_emb: Array, context: Array | None, train: bool) -> Array:
         x = self.resnet(x, t_emb, train)
@@ -282,24 +321,27 @@ class UNet(nn.Module):
         block = nn.remat(ResAttnBlock, static_argnums=(4,)) if cfg.remat else ResAttnBlock
         encoder, decoder = cfg.block_plan()
 
-        self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim, dtype)
+        self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim, dtype, cfg.timestep_embedding_order,
+                                            cfg.timestep_frequency_shift)
         if cfg.num_classes is not None:
-            self.label_embedding = nn.Embed(cfg.num_classes + 1, emb_dim, dtype=dtype)
+            self.label_embedding = nn.Embed(cfg.num_label_embeddings, emb_dim, dtype=dtype)
         self.conv_in = conv3x3(cfg.base_channels, dtype)
         self.down_blocks = [block(s.out_channels, emb_dim, s.attention, cfg) for level in encoder for s in level]
-        self.downsamples = [Downsample(dtype) for _ in range(cfg.num_levels - 1)]
+        self.downsamples = [Downsample(dtype, cfg.downsample_padding) for _ in range(cfg.num_levels - 1)]
         mid_channels = encoder[-1][-1].out_channels
-        self.mid_block1 = block(mid_channels, emb_dim, True, cfg)
-        self.mid_block2 = block(mid_channels, emb_dim, False, cfg)
+        self.mid_block1 = block(mid_channels, emb_dim, cfg.mid_attention, cfg, True)
+        self.mid_block2 = block(mid_channels, emb_dim, False, cfg, True)
         self.up_blocks = [block(s.out_channels, emb_dim, s.attention, cfg) for level in decoder for s in level]
         self.upsamples = [Upsample(dtype) for _ in range(cfg.num_levels - 1)]
-        self.norm_out = group_norm(cfg.num_groups, dtype)
+        self.norm_out = group_norm(cfg.num_groups, cfg.norm_eps, dtype)
         self.conv_out = conv3x3(cfg.out_channels, dtype)
 
     def __call__(self, x: Array, t: Array, y: Array | None = None, context: Array | None = None,
                  train: bool = False) -> Array:
         cfg = self.config
         t = self._check_inputs(x, t, y, context)
+        if cfg.center_input:
+            x = 2 * x - 1.0
 
         emb = self.time_embed(t)
         if cfg.num_classes is not None:
@@ -350,6 +392,9 @@ class UNet(nn.Module):
             t = jnp.broadcast_to(t, x.shape[:1])
         if t.shape != x.shape[:1]:
             raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {t.shape}")
+        if y is None and cfg.num_classes is not None and not cfg.null_label:
+            raise ValueError(f"the model has num_classes={cfg.num_classes} and no null label "
+                             f"(null_label=False): pass labels y of shape ({x.shape[0]},)")
         if y is not None:
             if cfg.num_classes is None:
                 raise ValueError("labels y were given, but the model has num_classes=None (unconditional)")
@@ -357,10 +402,10 @@ class UNet(nn.Module):
                 raise ValueError(f"labels y must have shape ({x.shape[0]},), got {jnp.shape(y)}")
             if not isinstance(y, jax.core.Tracer):  # a traced label can only be checked by its caller
                 labels = np.asarray(y)
-                bad = labels[(labels < 0) | (labels > cfg.num_classes)]
+                bad = labels[(labels < 0) | (labels >= cfg.num_label_embeddings)]
                 if bad.size:
-                    raise ValueError(f"label {bad[0]} out of range: labels are 0..{cfg.num_classes - 1}, "
-                                     f"and {cfg.num_classes} is the null label")
+                    null = f", and {cfg.num_classes} is the null label" if cfg.null_label else ""
+                    raise ValueError(f"label {bad[0]} out of range: labels are 0..{cfg.num_classes - 1}{null}")
         if context is not None and cfg.context_dim is None:
             raise ValueError("context was given, but the model has context_dim=None (no cross-attention)")
         if cfg.context_dim is not None:

@@ -1,7 +1,7 @@
 """The PyTorch reference, NCHW.
 
-`ResidualBlock` and `AttentionBlock` are the user's seed code, line for line (plus `num_groups`
-and `dropout` arguments whose defaults reproduce it exactly). The rest of the U-Net is built
+`ResidualBlock` and `AttentionBlock` are the user's seed code, line for line (plus arguments for
+groups, dropout, epsilon and diffusers' variants, whose defaults reproduce it exactly). The rest of the U-Net is built
 around them module for module as `model.py` builds the Flax one, from the same `UNetConfig`.
 """
 from __future__ import annotations
@@ -18,18 +18,22 @@ from .diffusion import beta_schedule, sampling_timesteps
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, time_emb_dim=None, num_groups=32, dropout=0.0):
+    def __init__(self, in_channels, out_channels, time_emb_dim=None, num_groups=32, dropout=0.0, eps=1e-5,
+                 time_conditioning="scale_shift", output_scale=1.0):
         super().__init__()
-        self.norm1 = nn.GroupNorm(num_groups, in_channels)
+        self.time_conditioning = time_conditioning
+        self.output_scale = output_scale
+        self.norm1 = nn.GroupNorm(num_groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         # Optional time embedding projection
         self.time_mlp = None
         if time_emb_dim is not None:
             self.time_mlp = nn.Sequential(
                 nn.SiLU(),
-                nn.Linear(time_emb_dim, out_channels * 2)  # For scale and shift
+                # For scale and shift (or one added term)
+                nn.Linear(time_emb_dim, out_channels * (2 if time_conditioning == "scale_shift" else 1))
             )
-        self.norm2 = nn.GroupNorm(num_groups, out_channels)
+        self.norm2 = nn.GroupNorm(num_groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.activation = nn.SiLU()  # Swish activation is common
         self.dropout = nn.Dropout(dropout)
@@ -44,7 +48,9 @@ class ResidualBlock(nn.Module):
         h = self.norm1(x)
         h = self.activation(h)
         h = self.conv1(h)
-        if self.time_mlp is not None and t_emb is not None:
+        if self.time_mlp is not None and t_emb is not None and self.time_conditioning == "additive":
+            h = self.norm2(h + self.time_mlp(t_emb)[:, :, None, None])
+        elif self.time_mlp is not None and t_emb is not None:
             time_encoding = self.time_mlp(t_emb)
             time_encoding = time_encoding.view(h.shape[0], h.shape[1] * 2, 1, 1)
             scale, shift = torch.chunk(time_encoding, 2, dim=1)
@@ -54,17 +60,18 @@ class ResidualBlock(nn.Module):
         h = self.activation(h)
         h = self.dropout(h)
         h = self.conv2(h)
-        return h + self.skip_connection(residual)
+        return (h + self.skip_connection(residual)) / self.output_scale
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, channels, num_heads=8, num_groups=32):
+    def __init__(self, channels, num_heads=8, num_groups=32, eps=1e-5, normalize=True, output_scale=1.0):
         super().__init__()
         check_divisible(channels, num_heads, "num_heads")
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
         self.scale = 1 / math.sqrt(self.head_dim)
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.output_scale = output_scale
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps) if normalize else nn.Identity()
         # Query, Key, Value projections
         self.to_qkv = nn.Conv2d(channels, channels * 3, kernel_size=1)
         # Output projection
@@ -87,19 +94,20 @@ class AttentionBlock(nn.Module):
         # (b*num_heads, h*w, head_dim) -> (b, c, h, w)
         out = out.transpose(1, 2).reshape(b, c, h, w)
         out = self.to_out(out)
-        return out + residual  # Add residual connection
+        return (out + residual) / self.output_scale  # Add residual connection
 
 
 class CrossAttentionBlock(nn.Module):
     """AttentionBlock with keys and values from a (B, L, context_dim) context instead of the image."""
 
-    def __init__(self, channels, context_dim, num_heads=8, num_groups=32):
+    def __init__(self, channels, context_dim, num_heads=8, num_groups=32, eps=1e-5, output_scale=1.0):
         super().__init__()
         check_divisible(channels, num_heads, "num_heads")
         self.num_heads = num_heads
         self.head_dim = channels // num_heads
         self.scale = 1 / math.sqrt(self.head_dim)
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.output_scale = output_scale
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
         self.to_q = nn.Conv2d(channels, channels, kernel_size=1)
         self.to_kv = nn.Linear(context_dim, channels * 2)
         self.to_out = nn.Conv2d(channels, channels, kernel_size=1)
@@ -118,15 +126,18 @@ class CrossAttentionBlock(nn.Module):
         out = torch.bmm(attention_probs, v.transpose(1, 2))
         out = out.transpose(1, 2).reshape(b, c, h, w)
         out = self.to_out(out)
-        return out + residual
+        return (out + residual) / self.output_scale
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, padding="symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1 if padding == "symmetric" else 0)
 
     def forward(self, x):
+        if self.padding == "bottom_right":
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -139,35 +150,41 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-def timestep_embedding(t, dim):
-    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, [cos, sin]."""
-    freqs = torch.from_numpy(timestep_frequencies(dim)).to(t.device)
+def timestep_embedding(t, dim, order="cos_sin", shift=0.0):
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) float32, [cos, sin] or [sin, cos]."""
+    freqs = torch.from_numpy(timestep_frequencies(dim, shift)).to(t.device)
     args = t.float()[:, None] * freqs[None, :]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    waves = [torch.cos(args), torch.sin(args)]
+    embedding = torch.cat(waves if order == "cos_sin" else waves[::-1], dim=-1)
     return F.pad(embedding, (0, dim % 2))
 
 
 class TimestepEmbedding(nn.Module):
-    def __init__(self, channels, embed_dim):
+    def __init__(self, channels, embed_dim, order="cos_sin", frequency_shift=0.0):
         super().__init__()
-        self.channels = channels
+        self.channels, self.order, self.frequency_shift = channels, order, frequency_shift
         self.mlp = nn.Sequential(nn.Linear(channels, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t, self.channels))
+        return self.mlp(timestep_embedding(t, self.channels, self.order, self.frequency_shift))
 
 
 class ResAttnBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, time_emb_dim, attention, config: UNetConfig):
+    def __init__(self, in_channels, out_channels, time_emb_dim, attention, config: UNetConfig, middle=False):
         super().__init__()
-        self.resnet = ResidualBlock(in_channels, out_channels, time_emb_dim, config.num_groups, config.dropout)
+        cfg = config
+        scale = cfg.mid_block_scale_factor if middle else 1.0
+        self.resnet = ResidualBlock(in_channels, out_channels, time_emb_dim, cfg.num_groups, cfg.dropout,
+                                    cfg.norm_eps, cfg.time_conditioning, scale)
         self.attn = None
         self.cross_attn = None
         if attention:
-            self.attn = AttentionBlock(out_channels, config.num_heads, config.num_groups)
-            if config.context_dim is not None:
-                self.cross_attn = CrossAttentionBlock(out_channels, config.context_dim, config.num_heads,
-                                                      config.num_groups)
+            heads = cfg.attention_heads(out_channels)
+            self.attn = AttentionBlock(out_channels, heads, cfg.num_groups, cfg.norm_eps,
+                                       cfg.mid_attention_norm or not middle, scale)
+            if cfg.context_dim is not None:
+                self.cross_attn = CrossAttentionBlock(out_channels, cfg.context_dim, heads, cfg.num_groups,
+                                                      cfg.norm_eps, scale)
 
     def forward(self, x, t_emb, context=None):
         x = self.resnet(x, t_emb)
@@ -185,21 +202,22 @@ class UNet(nn.Module):
         emb_dim = cfg.time_embed_dim
         encoder, decoder = cfg.block_plan()
 
-        self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim)
+        self.time_embed = TimestepEmbedding(cfg.base_channels, emb_dim, cfg.timestep_embedding_order,
+                                            cfg.timestep_frequency_shift)
         if cfg.num_classes is not None:
-            self.label_embedding = nn.Embedding(cfg.num_classes + 1, emb_dim)
+            self.label_embedding = nn.Embedding(cfg.num_label_embeddings, emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, cfg.base_channels, kernel_size=3, padding=1)
         self.down_blocks = nn.ModuleList(
             ResAttnBlock(s.in_channels, s.out_channels, emb_dim, s.attention, cfg) for level in encoder for s in level)
         self.downsamples = nn.ModuleList(
-            Downsample(level[-1].out_channels) for level in encoder[:-1])
+            Downsample(level[-1].out_channels, cfg.downsample_padding) for level in encoder[:-1])
         mid_channels = encoder[-1][-1].out_channels
-        self.mid_block1 = ResAttnBlock(mid_channels, mid_channels, emb_dim, True, cfg)
-        self.mid_block2 = ResAttnBlock(mid_channels, mid_channels, emb_dim, False, cfg)
+        self.mid_block1 = ResAttnBlock(mid_channels, mid_channels, emb_dim, cfg.mid_attention, cfg, middle=True)
+        self.mid_block2 = ResAttnBlock(mid_channels, mid_channels, emb_dim, False, cfg, middle=True)
         self.up_blocks = nn.ModuleList(
             ResAttnBlock(s.in_channels, s.out_channels, emb_dim, s.attention, cfg) for level in decoder for s in level)
         self.upsamples = nn.ModuleList(Upsample(level[-1].out_channels) for level in decoder[:-1])
-        self.norm_out = nn.GroupNorm(cfg.num_groups, cfg.base_channels * cfg.channel_mults[0])
+        self.norm_out = nn.GroupNorm(cfg.num_groups, cfg.base_channels * cfg.channel_mults[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(cfg.base_channels * cfg.channel_mults[0], cfg.out_channels, kernel_size=3,
                                   padding=1)
 
@@ -212,6 +230,8 @@ class UNet(nn.Module):
         if cfg.num_classes is not None:
             labels = torch.full((x.shape[0],), cfg.num_classes, device=x.device) if y is None else y
             emb = emb + self.label_embedding(labels)
+        if cfg.center_input:
+            x = 2 * x - 1.0
 
         h = self.conv_in(x)
         skips = [h]

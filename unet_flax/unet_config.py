@@ -15,6 +15,13 @@ class ConfigError(ValueError):
 
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# How a residual block takes the time embedding: as a scale and shift after norm2 (the seed's), or
+# added to the features before norm2 (DDPM's, diffusers' "default").
+TIME_CONDITIONINGS = ("scale_shift", "additive")
+TIMESTEP_EMBEDDING_ORDERS = ("cos_sin", "sin_cos")
+# The stride-2 convolution's zero padding: one row/column on every side, or only after the last
+# (diffusers' downsample_padding=0).
+DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,18 @@ class UNetConfig:
     # (a CUDA GPU, bf16/fp16, a head size it accepts), XLA elsewhere. Weights do not depend on it.
     attention_impl: str = "auto"
     remat: bool = False  # recompute each block in the backward pass to save memory
+    # The variants of diffusers' UNet2DModel; the defaults are this project's own U-Net.
+    time_conditioning: str = "scale_shift"
+    norm_eps: float = 1e-5  # every GroupNorm's epsilon (torch.nn.GroupNorm's default)
+    timestep_embedding_order: str = "cos_sin"
+    timestep_frequency_shift: float = 0.0  # frequencies exp(-ln(10000) i / (dim/2 - shift))
+    head_dim: int | None = None  # channels per attention head; when set, num_heads is not used
+    mid_attention: bool = True  # self-attention between the two middle residual blocks
+    mid_attention_norm: bool = True  # the middle attention's GroupNorm (diffusers' scale-shift models have none)
+    downsample_padding: str = "symmetric"
+    center_input: bool = False  # x -> 2x - 1 before conv_in, for models trained on [0, 1] inputs
+    mid_block_scale_factor: float = 1.0  # the middle blocks divide their residual sums by it
+    null_label: bool = True  # a label embedding for "no label" (classifier-free guidance), as num_classes
 
     def __post_init__(self) -> None:
         # Accept lists (from JSON or a command line) but store tuples, so the config stays hashable.
@@ -81,14 +100,28 @@ class UNetConfig:
             raise ConfigError(
                 f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}"
             )
+        for name, allowed in (("time_conditioning", TIME_CONDITIONINGS),
+                              ("timestep_embedding_order", TIMESTEP_EMBEDDING_ORDERS),
+                              ("downsample_padding", DOWNSAMPLE_PADDINGS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
+        if not self.mid_block_scale_factor > 0:
+            raise ConfigError(f"mid_block_scale_factor must be positive, got {self.mid_block_scale_factor}")
+        if self.base_channels >= 2 and not self.timestep_frequency_shift < self.base_channels // 2:
+            raise ConfigError(f"timestep_frequency_shift must be below base_channels // 2 = "
+                              f"{self.base_channels // 2}, got {self.timestep_frequency_shift}")
+        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
+            raise ConfigError(f"head_dim must be a positive integer or None, got {self.head_dim!r}")
         if self.image_size % self.downsample_factor:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by 2**(levels-1) = {self.downsample_factor}"
             )
         for mult in sorted(set(self.channel_mults)):
-            channels = self.base_channels * mult
-            check_divisible(channels, self.num_groups, "num_groups")
-            check_divisible(channels, self.num_heads, "num_heads")
+            check_divisible(self.base_channels * mult, self.num_groups, "num_groups")
+        for channels in sorted(self.attention_channels()):
+            self.attention_heads(channels)
 
     @property
     def num_levels(self) -> int:
@@ -101,6 +134,29 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.base_channels
+
+    def attention_heads(self, channels: int) -> int:
+        """The head count of an attention over `channels`: num_heads, or channels // head_dim."""
+        if self.head_dim is None:
+            check_divisible(channels, self.num_heads, "num_heads")
+            return self.num_heads
+        check_divisible(channels, self.head_dim, "head_dim")
+        return channels // self.head_dim
+
+    def attention_channels(self) -> set[int]:
+        """The channel counts of the attention blocks (all levels' for num_heads, which the seed checks
+        everywhere; only those that carry attention for head_dim)."""
+        levels = range(self.num_levels) if self.head_dim is None else [
+            level for level in range(self.num_levels) if self.level_has_attention(level)]
+        channels = {self.base_channels * self.channel_mults[level] for level in levels}
+        if self.mid_attention:
+            channels.add(self.base_channels * self.channel_mults[-1])
+        return channels
+
+    @property
+    def num_label_embeddings(self) -> int:
+        """Rows of the label embedding: the classes, and the null label when there is one."""
+        return self.num_classes + int(self.null_label) if self.num_classes is not None else 0
 
     def level_has_attention(self, level: int) -> bool:
         return self.image_size // 2**level in self.attention_resolutions
@@ -150,12 +206,16 @@ def check_divisible(channels: int, divisor: int, divisor_name: str) -> None:
         raise ConfigError(f"channels ({channels}) must be divisible by {divisor_name} ({divisor})")
 
 
-def timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
-    """Frequencies of the sinusoidal timestep embedding, [cos(t*f), sin(t*f)] (the ADM order).
+def timestep_frequencies(dim: int, shift: float = 0.0, max_period: float = 10000.0) -> np.ndarray:
+    """Frequencies f_i = exp(-ln(max_period) i / (dim/2 - shift)) of the sinusoidal timestep embedding.
 
-    Computed once in float64 and rounded to float32, so the Flax model and the PyTorch reference
-    multiply t by the very same constants: recomputing exp() in float32 on each side differs by an
-    ulp, which at t ~ 1000 moves the phase by ~1e-4 and breaks 1e-5 parity.
+    Computed once as constants, so the Flax model and the PyTorch reference multiply t by the very
+    same numbers: exp() evaluated in float32 on each side differs by an ulp, which at t ~ 1000 moves
+    the phase by ~1e-4 and breaks 1e-5 parity. The exponent is rounded to float32 step by step as
+    diffusers computes it, and exp() is then taken in float64 and rounded once: this reproduces
+    diffusers' own frequencies (all but an entry or two, by one ulp).
     """
     half = dim // 2
-    return np.exp(-np.log(max_period) * np.arange(half, dtype=np.float64) / half).astype(np.float32)
+    exponent = np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32)
+    exponent = exponent / np.float32(half - shift)
+    return np.exp(exponent.astype(np.float64)).astype(np.float32)
