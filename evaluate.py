@@ -16,14 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-import absl.logging
 import numpy as np
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_params
 from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
 from unet_flax.train_config import TrainConfig
-from unet_flax.sampling import for_this_backend, rows_per_class, sample_images
+from unet_flax.sampling import for_this_backend, guidance_scale_for, rows_per_class, sample_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,7 +51,7 @@ def evaluate(args) -> dict:
                          f"{config.data!r}")
     config = dataclasses.replace(config, model=for_this_backend(config.model))
     image_size = config.model.image_size
-    guidance = config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    guidance = guidance_scale_for(config, args.guidance_scale)
     num_classes = config.model.num_classes
     labels = None if num_classes is None else rows_per_class(num_classes, args.num_samples)[0]
 
@@ -82,7 +81,6 @@ def evaluate(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     use_xla_cpu_convolutions()
-    absl.logging.set_verbosity(absl.logging.ERROR)
     return run_command(evaluate, args)
 
 

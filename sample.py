@@ -11,13 +11,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import absl.logging
 import numpy as np
 
 from unet_flax.checkpoint import load_params
 from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
 from unet_flax.train_config import TrainConfig
-from unet_flax.sampling import for_this_backend, rows_per_class, sample_images
+from unet_flax.sampling import for_this_backend, guidance_scale_for, rows_per_class, sample_images
 from unet_flax.visualize import save_grid
 
 
@@ -73,7 +72,7 @@ def run(args) -> dict:
     num_steps, eta = (config.timesteps, 1.0) if args.sampler == "ddpm" else (args.sampling_steps, args.eta)
     if num_steps > config.timesteps:
         raise UsageError(f"--sampling-steps {num_steps} exceeds the model's {config.timesteps} timesteps")
-    guidance = config.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    guidance = guidance_scale_for(config, args.guidance_scale)
 
     config = dataclasses.replace(config, model=model)
     images = sample_images(params, config, args.num_samples, labels, num_steps, eta, guidance, args.seed,
@@ -97,7 +96,6 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     use_xla_cpu_convolutions()
-    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's notes on opening a checkpoint read-only
     return run_command(run, args)
 
 

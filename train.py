@@ -4,7 +4,8 @@
     python train.py --preset cifar10 --data /path/to/cifar-10-batches-py --parallel jit
 
 Every field of the config is a flag (`python train.py --help`). A workdir that holds checkpoints
-is resumed from its latest one. The last line printed is a JSON summary of the run.
+is resumed from its latest one, with the config saved there as the defaults (unless --preset):
+`python train.py --workdir W --steps N` trains on. The last line printed is a JSON summary of the run.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from unet_flax import input_pipeline, training
-from unet_flax.checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields
+from unet_flax.checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields, saved_config
 from unet_flax.cli import UsageError, build_parser, config_from_args, run_command, use_xla_cpu_convolutions
-from unet_flax.train_config import TrainConfig
+from unet_flax.train_config import PRESETS, TrainConfig
 from unet_flax.sampling import rows_per_class, sample_images
 from unet_flax.visualize import save_grid, save_loss_curve
 
@@ -39,8 +40,8 @@ def resolve_config(args, data: input_pipeline.ImageData, config: TrainConfig) ->
     """Fill in what the data and the backend decide: channels, classes, and the default dtype."""
     model = dataclasses.replace(config.model, in_channels=data.channels,
                                 num_classes=data.num_classes if config.class_conditional else None)
-    if "dtype" not in vars(args) and jax.default_backend() != "cpu":
-        model = dataclasses.replace(model, dtype="bfloat16")  # float32 params, bf16 compute on GPU/TPU
+    if "dtype" not in vars(args):  # float32 params; bf16 compute on GPU/TPU, float32 on the CPU
+        model = dataclasses.replace(model, dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")
     if config.class_conditional and data.num_classes is None:
         raise UsageError(f"--class-conditional needs labels, and {data.source} has none")
     return dataclasses.replace(config, model=model)
@@ -197,7 +198,7 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
         except Exception as error:  # unreadable: damaged, whatever the library raised
             damaged = error
         else:
-            differing = incompatible_fields(saved_config, config.to_dict())
+            differing = incompatible_fields(saved_config, config.to_dict(), trained=step > 0)
             if differing:
                 raise UsageError(f"cannot resume {config.workdir} (step {step}): the config differs in "
                                  f"{', '.join(differing)}")
@@ -217,19 +218,23 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
 def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: training.Parallel
                     ) -> tuple[int | None, dict, dict | None]:
     """(the step resumed from or None, {'train_state', 'rng'}, the data iterator's state or None)."""
+    init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     if checkpoints.latest_step() is None:
-        init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
         return None, {"train_state": training.create_train_state(config, init_key), "rng": step_rng}, None
     if not config.resume:
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
                             f"--no-resume was given: use another --workdir (nothing was changed)")
-    return restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.replicated))
+    step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.replicated))
+    if step == 0:  # imported weights, no step taken: this run's seed and data, from their start
+        return step, {"train_state": saved["train_state"], "rng": step_rng}, None
+    return step, saved, data_state
 
 
 def train(args) -> dict:
     # Set-up: the config, the devices, the data, the workdir.
     start = time.time()
-    config = config_from_args(args)
+    resumed = saved_config(vars(args).get("workdir", PRESETS["digits"].workdir)) if args.preset is None else None
+    config = config_from_args(args, resumed)
     if config.distributed:
         start_distributed(config)
     data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)

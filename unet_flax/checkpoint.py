@@ -6,6 +6,7 @@ write is complete, so an interrupted save leaves the previous checkpoint as the 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,17 @@ RESUME_FREE_MODEL_FIELDS = ("dtype", "attention_impl", "remat")
 class Checkpoints:
     def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                               enable_async_checkpointing=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        if read_only:  # orbax warns of each option that read-only mode turns off: nothing to act on
+            absl_logger.setLevel(logging.ERROR)
+        try:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                                   enable_async_checkpointing=not read_only)
+            self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                                 item_names=("state", "data", "config"))
+        finally:
+            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -72,10 +80,27 @@ class Checkpoints:
         self.manager.close()
 
 
-def incompatible_fields(saved: dict, current: dict) -> list[str]:
-    """Names of the fields whose change would make a resumed run a different run."""
+def saved_config(workdir: str | Path) -> dict | None:
+    """The config of a workdir's newest checkpoint whose config reads; None where there is none."""
+    if not (Path(workdir).absolute() / "checkpoints").is_dir():
+        return None
+    checkpoints = Checkpoints(workdir, read_only=True)
+    try:
+        for step in reversed(checkpoints.all_steps()):
+            try:
+                return checkpoints.read_config(step)
+            except Exception:  # a damaged checkpoint: resuming sets it aside and names it
+                continue
+        return None
+    finally:
+        checkpoints.close()
+
+
+def incompatible_fields(saved: dict, current: dict, trained: bool = True) -> list[str]:
+    """Names of the fields whose change would make a resumed run a different run; from a checkpoint
+    that was never `trained` (an import at step 0), only the network's."""
     differing = [f"{name} ({saved.get(name)!r} -> {current.get(name)!r})"
-                 for name in RESUME_FIXED_TRAIN_FIELDS if saved.get(name) != current.get(name)]
+                 for name in RESUME_FIXED_TRAIN_FIELDS if trained and saved.get(name) != current.get(name)]
     saved_model, current_model = saved.get("model", {}), current["model"]
     differing += [f"model.{name} ({saved_model.get(name)!r} -> {value!r})"
                   for name, value in current_model.items()

@@ -99,22 +99,33 @@ def _add_fields(group, cls, defaults) -> list[str]:
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="digits",
-                        help="the defaults every other flag overrides (shown below: digits)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="the defaults every other flag overrides (shown below: digits). Without it, a "
+                             "workdir that holds checkpoints gives the config it was saved with; others digits")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     _add_fields(parser.add_argument_group("training"), TrainConfig, PRESETS["digits"])
     _add_fields(parser.add_argument_group("model"), UNetConfig, PRESETS["digits"].model)
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The preset with every flag given on the command line applied over it."""
-    preset = PRESETS[args.preset]
+# How this process joins a job: never taken from a saved config, which holds process 0's.
+PER_PROCESS_FIELDS = ("distributed", "coordinator_address", "num_processes", "process_id")
+
+
+def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
+    """The defaults with every flag given on the command line applied over them: --preset's; without
+    it `saved` (the config of the checkpoints being resumed), so a run goes on with just --workdir;
+    else the digits preset's."""
+    if args.preset is None and saved is not None:
+        base = TrainConfig.from_dict(saved)
+        base = dataclasses.replace(base, **{name: getattr(PRESETS["digits"], name) for name in PER_PROCESS_FIELDS})
+    else:
+        base = PRESETS[args.preset or "digits"]
     given = vars(args)
     model_names = {f.name for f in dataclasses.fields(UNetConfig)}
-    model = dataclasses.replace(preset.model, **{k: v for k, v in given.items() if k in model_names})
+    model = dataclasses.replace(base.model, **{k: v for k, v in given.items() if k in model_names})
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-    return dataclasses.replace(preset, model=model, **{k: v for k, v in given.items() if k in train_names})
+    return dataclasses.replace(base, model=model, **{k: v for k, v in given.items() if k in train_names})
 
 
 # -- XLA:CPU --------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from .diffusers_format import from_diffusers, to_diffusers
+from .train_config import PRESETS, TrainConfig
+from .unet_config import ConfigError, ConversionError, UNetConfig
+
 # nn.Embedding weights are (num_embeddings, dim) on both sides: the one 2-D weight not transposed.
 EMBEDDING_MODULES = frozenset({"label_embedding"})
 
@@ -24,10 +28,6 @@ _LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
 _SEQUENTIAL_LAYER = re.compile(r"^layers_(\d+)$")
 
 Params = dict[str, Any]
-
-
-class ConversionError(ValueError):
-    """Weights that do not fit the model: the message names the key and both shapes."""
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -200,29 +200,64 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
     import jax
     import torch
 
-    from .checkpoint import Checkpoints
-    from .unet_config import UNetConfig
-    from .train_config import PRESETS, TrainConfig
-    from .training import create_train_state, make_optimizer
+    from .training import init_params
 
     fields = json.loads(Path(config_path).read_text())
-    config = (TrainConfig.from_dict(fields) if "model" in fields
-              else dataclasses.replace(PRESETS["digits"], model=UNetConfig.from_dict(fields), workdir=workdir))
+    config = TrainConfig.from_dict(fields) if "model" in fields else dataclasses.replace(
+        PRESETS["digits"], model=UNetConfig.from_dict(fields))
+    config = dataclasses.replace(config, workdir=workdir)
     state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
-    if (Path(workdir) / "checkpoints").exists() and any((Path(workdir) / "checkpoints").iterdir()):
-        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
+    _refuse_used_workdir(workdir)
     # Every check (keys, shapes) before the workdir is created: a bad file leaves nothing behind.
-    fresh = create_train_state(config, jax.random.PRNGKey(config.seed))
-    params = torch_to_flax(state_dict, fresh.params)
-    state = fresh.replace(params=params, ema_params=params, opt_state=make_optimizer(config).init(params))
+    target = jax.eval_shape(init_params, config.model, jax.random.key(0))
+    return write_checkpoint(config, torch_to_flax(state_dict, target))
+
+
+def import_diffusers(model_dir: str, workdir: str) -> dict:
+    """A UNet2DModel folder -> an orbax checkpoint at step 0, with the cifar10 preset's optimisation
+    (DDPM's) for fine-tuning: train.py and sample.py take it from there."""
+    model, params = from_diffusers(model_dir)
+    conditional = model.num_classes is not None
+    # Without a null label there is nothing to drop labels to, nor to guide against.
+    guidance = {} if model.null_label else {"label_dropout": 0.0, "guidance_scale": 1.0}
+    config = dataclasses.replace(PRESETS["cifar10"], model=model, workdir=workdir, data=None,
+                                 class_conditional=conditional, hflip=False, **guidance)
+    _refuse_used_workdir(workdir)
+    return {**write_checkpoint(config, params), "model": str(model_dir)}
+
+
+def _refuse_used_workdir(workdir: str) -> None:
+    checkpoints = Path(workdir) / "checkpoints"
+    if checkpoints.exists() and any(checkpoints.iterdir()):
+        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
+
+
+def write_checkpoint(config: TrainConfig, params: Any) -> dict:
+    """Step 0 of `config.workdir` (a TrainConfig's): these weights as params and EMA, a fresh optimizer."""
+    import jax
+
+    from .checkpoint import Checkpoints
+    from .training import train_state_from_params
+
+    state = train_state_from_params(config, jax.tree_util.tree_map(np.asarray, params))
     _, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    checkpoints = Checkpoints(workdir)
+    checkpoints = Checkpoints(config.workdir)
     try:
         checkpoints.save(0, {"train_state": state, "rng": step_rng}, {"next_index": 0}, config.to_dict())
         checkpoints.wait()
     finally:
         checkpoints.close()
-    return {"workdir": workdir, "step": 0, "parameters": int(sum(v.numel() for v in state_dict.values()))}
+    return {"workdir": config.workdir, "step": 0,
+            "parameters": int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))}
+
+
+def export_diffusers(workdir: str, out: str, step: int | None = None, ema: bool = True) -> dict:
+    """An orbax checkpoint -> a folder that diffusers' `UNet2DModel.from_pretrained` loads."""
+    from .checkpoint import load_params
+
+    params, config, step = load_params(workdir, step, ema)
+    to_diffusers(UNetConfig.from_dict(config["model"]), params, out)
+    return {"step": step, "ema": ema, "out": str(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,10 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     import pickle
 
     from .cli import UsageError, run_command
-    from .unet_config import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m unet_flax.convert",
-                                     description="Move U-Net weights between orbax checkpoints and PyTorch.")
+                                     description="Move U-Net weights between orbax checkpoints, the PyTorch "
+                                                 "reference and diffusers' UNet2DModel.")
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="orbax checkpoint -> PyTorch state_dict (+ config .json)")
     export.add_argument("--workdir", required=True)
@@ -244,12 +279,26 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--state-dict", required=True)
     imp.add_argument("--config", required=True, help="the .json export wrote, or a UNetConfig as JSON")
     imp.add_argument("--workdir", required=True)
+    imp_diffusers = commands.add_parser("import-diffusers",
+                                        help="diffusers UNet2DModel folder -> orbax checkpoint (step 0)")
+    imp_diffusers.add_argument("--model", required=True, help="a folder UNet2DModel.save_pretrained wrote")
+    imp_diffusers.add_argument("--workdir", required=True)
+    exp_diffusers = commands.add_parser("export-diffusers",
+                                        help="orbax checkpoint -> diffusers UNet2DModel folder")
+    exp_diffusers.add_argument("--workdir", required=True)
+    exp_diffusers.add_argument("--out", required=True, help="a new folder for UNet2DModel.from_pretrained")
+    exp_diffusers.add_argument("--step", type=int, default=None)
+    exp_diffusers.add_argument("--no-ema", action="store_true")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
 
     def convert(args):
         if args.command == "export":
             return export_checkpoint(args.workdir, args.out, args.step, not args.no_ema)
+        if args.command == "export-diffusers":
+            return export_diffusers(args.workdir, args.out, args.step, not args.no_ema)
+        if args.command == "import-diffusers":
+            return import_diffusers(args.model, args.workdir)
         return import_state_dict(args.state_dict, args.config, args.workdir)
     # A .pt file torch cannot unpickle raises RuntimeError or pickle's errors: a failure, not a usage error.
     return run_command(convert, args, (FileNotFoundError, FileExistsError, RuntimeError, pickle.UnpicklingError),

@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from . import diffusion
 from .input_pipeline import to_uint8
-from .unet_config import UNetConfig
 from .model import UNet
+from .train_config import TrainConfig
+from .unet_config import ConfigError, UNetConfig
 
 
 def for_this_backend(model: UNetConfig) -> UNetConfig:
@@ -24,6 +25,17 @@ def for_this_backend(model: UNetConfig) -> UNetConfig:
     return dataclasses.replace(model, dtype=dtype, attention_impl="auto", remat=False)
 
 
+def guidance_scale_for(config: TrainConfig, requested: float | None) -> float:
+    """The guidance scale to sample with: the requested one, else the training config's. A model
+    without a null label (as imported from diffusers) has no unconditional half to guide against."""
+    scale = config.guidance_scale if requested is None else requested
+    model = config.model
+    if scale != 1.0 and model.num_classes is not None and not model.null_label:
+        raise ConfigError(f"guidance scale {scale} needs the null label, and this model has none "
+                          f"(null_label=False): use --guidance-scale 1")
+    return scale
+
+
 def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scale: float,
                     context: jax.Array | None = None) -> diffusion.Denoiser:
     """The model as (x_t, t) -> output; with labels and scale != 1, guided by the null label:
@@ -31,6 +43,9 @@ def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scal
     num_classes = model.config.num_classes
     if labels is None or num_classes is None or guidance_scale == 1.0:
         return lambda x, t: model.apply({"params": params}, x, t, labels, context)
+    if not model.config.null_label:
+        raise ValueError(f"guidance_scale {guidance_scale} needs the null label, and the model has "
+                         f"null_label=False: sample with guidance_scale 1")
 
     def pairs(a: jax.Array, b: jax.Array) -> jax.Array:
         # Example i's two halves at rows 2i and 2i+1: a batch sharded over devices keeps each pair on one.

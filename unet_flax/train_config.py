@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .unet_config import ATTENTION_IMPLEMENTATIONS, DTYPES, ConfigError, UNetConfig
+from .unet_config import MODEL_CHOICES, ConfigError, UNetConfig
 
 LR_SCHEDULES = ("constant", "cosine")
 PARALLEL = ("pmap", "jit")
 CHOICES = {"lr_schedule": LR_SCHEDULES, "parallel": PARALLEL, "noise_schedule": ("linear", "cosine"),
-           "prediction": ("epsilon", "v"), "dtype": DTYPES, "attention_impl": ATTENTION_IMPLEMENTATIONS}
+           "prediction": ("epsilon", "v"), **MODEL_CHOICES}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.class_conditional and not self.model.null_label:
+            for name, neutral in (("label_dropout", 0.0), ("guidance_scale", 1.0)):
+                if getattr(self, name) != neutral:
+                    raise ConfigError(f"{name} {getattr(self, name)} needs the null label, and the model has "
+                                      f"null_label=False: set {name} to {neutral}")
         if self.sampling_steps > self.timesteps:
             raise ConfigError(f"sampling_steps {self.sampling_steps} exceeds timesteps {self.timesteps}")
 

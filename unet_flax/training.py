@@ -87,7 +87,11 @@ def init_params(model: UNetConfig, rng: jax.Array) -> Any:
 
 
 def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
-    params = init_params(config.model, rng)
+    return train_state_from_params(config, init_params(config.model, rng))
+
+
+def train_state_from_params(config: TrainConfig, params: Any) -> TrainState:
+    """Step 0 with these weights (also as the EMA) and a fresh optimizer state."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree_util.tree_map(jnp.copy, params),
                       opt_state=jax.jit(make_optimizer(config).init)(params), skipped_steps=jnp.zeros((), jnp.int32))

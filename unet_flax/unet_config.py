@@ -13,6 +13,10 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field and the value."""
 
 
+class ConversionError(ValueError):
+    """Weights that do not fit the model (in unet_flax.convert): the message names the key and both shapes."""
+
+
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # How a residual block takes the time embedding: as a scale and shift after norm2 (the seed's), or
@@ -22,6 +26,9 @@ TIMESTEP_EMBEDDING_ORDERS = ("cos_sin", "sin_cos")
 # The stride-2 convolution's zero padding: one row/column on every side, or only after the last
 # (diffusers' downsample_padding=0).
 DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
+# The string fields of UNetConfig and their values (the command line's choices too).
+MODEL_CHOICES = {"dtype": DTYPES, "attention_impl": ATTENTION_IMPLEMENTATIONS, "time_conditioning": TIME_CONDITIONINGS,
+                 "timestep_embedding_order": TIMESTEP_EMBEDDING_ORDERS, "downsample_padding": DOWNSAMPLE_PADDINGS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,15 +101,7 @@ class UNetConfig:
             raise ConfigError(f"num_classes must be positive or None, got {self.num_classes}")
         if self.context_dim is not None and self.context_dim < 1:
             raise ConfigError(f"context_dim must be positive or None, got {self.context_dim}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(
-                f"attention_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}"
-            )
-        for name, allowed in (("time_conditioning", TIME_CONDITIONINGS),
-                              ("timestep_embedding_order", TIMESTEP_EMBEDDING_ORDERS),
-                              ("downsample_padding", DOWNSAMPLE_PADDINGS)):
+        for name, allowed in MODEL_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not self.norm_eps > 0:
