@@ -20,6 +20,7 @@ import numpy as np
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_params
+from unet_flax.diffusion import TIMESTEP_SPACINGS
 from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
 from unet_flax.train_config import TrainConfig
 from unet_flax.sampling import for_this_backend, guidance_scale_for, rows_per_class, sample_images
@@ -34,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=1347, help="as many as the real training split")
     parser.add_argument("--sampling-steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default="linspace",
+                        help="DDIM's timesteps: evenly from T-1 to 0, or diffusers' leading or trailing")
     parser.add_argument("--guidance-scale", type=float, default=None, help="default: the training config's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=250)
@@ -60,7 +63,7 @@ def evaluate(args) -> dict:
     train_features, _ = evaluation.features_and_predictions(classifier, train.images)
     held_out_features, held_out_predictions = evaluation.features_and_predictions(classifier, held_out.images)
     samples = sample_images(params, config, args.num_samples, labels, args.sampling_steps, args.eta, guidance,
-                            args.seed, args.batch_size, progress=True)
+                            args.seed, args.batch_size, progress=True, timestep_spacing=args.timestep_spacing)
     sample_features, sample_predictions = evaluation.features_and_predictions(classifier, samples)
 
     fd = evaluation.frechet_distance(sample_features, held_out_features)
@@ -70,7 +73,7 @@ def evaluate(args) -> dict:
         "class_agreement": None if labels is None else float(np.mean(sample_predictions == labels)),
         "classifier_held_out_accuracy": float(np.mean(held_out_predictions == held_out.labels)),
         "settings": {"workdir": args.workdir, "step": step, "num_samples": args.num_samples, "sampler": "ddim",
-                     "sampling_steps": args.sampling_steps, "eta": args.eta,
+                     "sampling_steps": args.sampling_steps, "timestep_spacing": args.timestep_spacing, "eta": args.eta,
                      "guidance_scale": None if labels is None else guidance, "seed": args.seed, "ema": True},
     }
     if args.json:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from unet_flax.checkpoint import load_params
+from unet_flax.diffusion import TIMESTEP_SPACINGS
 from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
 from unet_flax.train_config import TrainConfig
 from unet_flax.sampling import for_this_backend, guidance_scale_for, rows_per_class, sample_images
@@ -33,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="ddpm: ancestral over every training step; ddim: --sampling-steps, --eta")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default="linspace",
+                        help="DDIM's timesteps: evenly from T-1 to 0, or diffusers' leading or trailing")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance (default: the training config's)")
     parser.add_argument("--labels", default=None,
@@ -76,7 +79,7 @@ def run(args) -> dict:
 
     config = dataclasses.replace(config, model=model)
     images = sample_images(params, config, args.num_samples, labels, num_steps, eta, guidance, args.seed,
-                           args.batch_size, progress=True)
+                           args.batch_size, progress=True, timestep_spacing=args.timestep_spacing)
 
     out_path = Path(args.out) if args.out else Path(args.workdir) / "samples_sample.png"
     columns = None
@@ -84,7 +87,8 @@ def run(args) -> dict:
         columns = rows_per_class(model.num_classes, args.num_samples)[1]
     save_grid(images, out_path, columns)
     result = {"step": step, "num_samples": len(images), "sampler": args.sampler, "sampling_steps": num_steps,
-              "eta": eta, "guidance_scale": guidance if labels is not None else None, "ema": not args.no_ema,
+              "eta": eta, "timestep_spacing": args.timestep_spacing,
+              "guidance_scale": guidance if labels is not None else None, "ema": not args.no_ema,
               "seed": args.seed, "out": str(out_path)}
     if args.npz:
         arrays = {"images": images} if labels is None else {"images": images, "labels": labels}

@@ -38,7 +38,7 @@ class TrainingError(RuntimeError):
 
 def resolve_config(args, data: input_pipeline.ImageData, config: TrainConfig) -> TrainConfig:
     """Fill in what the data and the backend decide: channels, classes, and the default dtype."""
-    model = dataclasses.replace(config.model, in_channels=data.channels,
+    model = dataclasses.replace(config.model, in_channels=data.channels, out_channels=data.channels,
                                 num_classes=data.num_classes if config.class_conditional else None)
     if "dtype" not in vars(args):  # float32 params; bf16 compute on GPU/TPU, float32 on the CPU
         model = dataclasses.replace(model, dtype="float32" if jax.default_backend() == "cpu" else "bfloat16")

@@ -6,14 +6,14 @@ import torch
 from unet_flax.convert import torch_to_flax
 
 
-def randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
     """Non-default weights, so a transposed kernel, a swapped axis or an ignored bias cannot hide:
-    normal(0, 0.2) everywhere, GroupNorm scales 1 + normal(0, 0.2)."""
+    normal(0, std) everywhere, GroupNorm scales 1 + normal(0, std)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for sub in module.modules():
             for name, param in sub.named_parameters(recurse=False):
-                noise = torch.randn(param.shape, generator=generator) * 0.2
+                noise = torch.randn(param.shape, generator=generator) * std
                 offset = 1.0 if isinstance(sub, torch.nn.GroupNorm) and name == "weight" else 0.0
                 param.copy_(offset + noise)
     return module

@@ -105,9 +105,12 @@ def unet_config_from_diffusers(fields: Mapping[str, Any]) -> UNetConfig:
     if groups not in (None, c["norm_num_groups"]):
         raise ConfigError(f"attn_norm_num_groups = {groups} cannot be expressed: unet_flax's GroupNorms "
                           f"all have norm_num_groups = {c['norm_num_groups']} groups")
-    num_classes, null_label = c["num_class_embeds"], False
-    if num_classes is not None and fields.get(NULL_LABEL_KEY, False):
-        num_classes, null_label = num_classes - 1, True
+    # Labels from diffusers have no null label, unless unet_flax wrote the model (its last class).
+    num_classes, null_label = c["num_class_embeds"], bool(fields.get(NULL_LABEL_KEY, False))
+    if num_classes is None:
+        null_label = UNetConfig.null_label  # the default: without labels it means nothing
+    elif null_label:
+        num_classes -= 1
     head_dim = c["attention_head_dim"]
     return UNetConfig(
         in_channels=c["in_channels"], out_channels=c["out_channels"], base_channels=base,
@@ -187,10 +190,7 @@ def _attention_head_dim(config: UNetConfig) -> int | None:
         return config.head_dim
     if config.num_heads == 1:
         return None
-    channels = {config.base_channels * config.channel_mults[level]
-                for level in range(config.num_levels) if config.level_has_attention(level)}
-    if config.mid_attention:
-        channels.add(config.base_channels * config.channel_mults[-1])
+    channels = config.attended_channels()
     if len(channels) > 1:
         raise ConfigError(f"num_heads = {config.num_heads} over attention blocks of {sorted(channels)} channels: "
                           f"UNet2DModel states one head size for all of them (train with head_dim instead)")

@@ -14,6 +14,7 @@ import numpy as np
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]  # (x_t, t) -> model output
@@ -103,22 +104,39 @@ def predict_x0_and_noise(schedule: Schedule, x_t: Array, t: Array, output: Array
     return x0, noise
 
 
-def sampling_timesteps(timesteps: int, num_steps: int) -> np.ndarray:
-    """num_steps timesteps from T-1 down to 0, evenly spaced; all T of them when num_steps == T."""
+def sampling_timesteps(timesteps: int, num_steps: int, spacing: str = "linspace") -> tuple[np.ndarray, np.ndarray]:
+    """The timesteps a sampler visits, from high to low, and the timestep each one steps to (-1: the
+    clean image, abar = 1).
+
+    linspace: num_steps evenly spaced from T-1 to 0 (all T when num_steps == T), each stepping to
+    the next. leading and trailing: diffusers' DDIMScheduler (steps_offset 0, set_alpha_to_one),
+    k * (T // n) for k = n-1 .. 0, or round(T - k T / n) - 1 for k = 0 .. n-1, each stepping to
+    t - T // n as diffusers' step does.
+    """
     if not 1 <= num_steps <= timesteps:
         raise ValueError(f"sampling steps must be in 1..{timesteps}, got {num_steps}")
-    return np.round(np.linspace(timesteps - 1, 0, num_steps)).astype(np.int32)
+    if spacing == "linspace":
+        steps = np.round(np.linspace(timesteps - 1, 0, num_steps)).astype(np.int32)
+        return steps, np.append(steps[1:], -1).astype(np.int32)
+    if spacing == "leading":
+        steps = np.arange(num_steps)[::-1] * (timesteps // num_steps)
+    elif spacing == "trailing":
+        steps = np.round(np.arange(timesteps, 0, -timesteps / num_steps)) - 1
+    else:
+        raise ValueError(f"timestep spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+    steps = steps.astype(np.int32)
+    return steps, np.maximum(steps - timesteps // num_steps, -1).astype(np.int32)
 
 
 def sample(denoise: Denoiser, schedule: Schedule, x_T: Array, key: Array, num_steps: int,
-           eta: float = 0.0, prediction: str = "epsilon") -> Array:
+           eta: float = 0.0, prediction: str = "epsilon", timestep_spacing: str = "linspace") -> Array:
     """DDIM (Song et al. 2021) from x_T ~ N(0, I) over `num_steps` steps, in one lax.scan.
 
     eta = 0 is deterministic DDIM; eta = 1 with num_steps = T is DDPM's ancestral sampler
-    (its per-step variance is then exactly the posterior variance beta~_t).
+    (its per-step variance is then exactly the posterior variance beta~_t). `timestep_spacing`
+    chooses the timesteps (sampling_timesteps).
     """
-    steps = sampling_timesteps(schedule.timesteps, num_steps)
-    previous = np.append(steps[1:], -1)
+    steps, previous = sampling_timesteps(schedule.timesteps, num_steps, timestep_spacing)
     alphas_cumprod = jnp.append(schedule.alphas_cumprod, 1.0)  # index -1: abar = 1 after the last step
 
     def step(x, inputs):
@@ -131,6 +149,6 @@ def sample(denoise: Denoiser, schedule: Schedule, x_T: Array, key: Array, num_st
                   + sigma * jax.random.normal(step_key, x.shape, x.dtype))
         return x_prev, None
 
-    keys = jax.random.split(key, num_steps)
+    keys = jax.random.split(key, len(steps))
     x0, _ = jax.lax.scan(step, x_T, (jnp.asarray(steps), jnp.asarray(previous), keys))
     return x0

@@ -287,11 +287,12 @@ def _x0_and_noise(abar_t, x_t, output, prediction):
 
 
 @torch.no_grad()
-def ddim_sample(model, abar, x_T, num_steps, y=None, context=None, prediction="epsilon", guidance_scale=1.0):
+def ddim_sample(model, abar, x_T, num_steps, y=None, context=None, prediction="epsilon", guidance_scale=1.0,
+                timestep_spacing="linspace"):
     """Deterministic DDIM (eta = 0) from x_T, step for step diffusion.sample; guidance as sampling.py."""
-    steps = sampling_timesteps(abar.shape[0], num_steps).tolist()
+    steps, previous = sampling_timesteps(abar.shape[0], num_steps, timestep_spacing)
     x = x_T
-    for t, t_prev in zip(steps, steps[1:] + [-1]):
+    for t, t_prev in zip(steps.tolist(), previous.tolist()):
         batch_t = torch.full((x.shape[0],), t, dtype=torch.long)
         if y is not None and model.config.num_classes is not None and guidance_scale != 1.0:
             null = torch.full_like(y, model.config.num_classes)

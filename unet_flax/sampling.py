@@ -69,11 +69,12 @@ def rows_per_class(num_classes: int, num_samples: int) -> tuple[np.ndarray, int]
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "shape", "num_steps", "guidance_scale", "schedule_name",
-                                             "timesteps", "prediction", "batch_sharding"))
+                                             "timesteps", "prediction", "timestep_spacing",
+                                             "batch_sharding"))
 def generate(params, key: jax.Array, labels: jax.Array | None, *, model_config: UNetConfig,
              shape: tuple[int, ...], num_steps: int, eta: float = 0.0, guidance_scale: float = 1.0,
              schedule_name: str = "linear", timesteps: int = 1000, prediction: str = "epsilon",
-             batch_sharding: NamedSharding | None = None) -> jax.Array:
+             timestep_spacing: str = "linspace", batch_sharding: NamedSharding | None = None) -> jax.Array:
     """Samples in [-1, 1], NHWC, from noise drawn with `key`: the same key gives the same images.
 
     With `batch_sharding` the batch is split over its devices (XLA partitions the whole loop)."""
@@ -83,11 +84,12 @@ def generate(params, key: jax.Array, labels: jax.Array | None, *, model_config: 
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     denoise = guided_denoiser(UNet(model_config), params, labels, guidance_scale)
     schedule = diffusion.make_schedule(schedule_name, timesteps)
-    return diffusion.sample(denoise, schedule, x_T, step_key, num_steps, eta, prediction)
+    return diffusion.sample(denoise, schedule, x_T, step_key, num_steps, eta, prediction, timestep_spacing)
 
 
 def sample_images(params, config, num_samples: int, labels: np.ndarray | None, num_steps: int, eta: float,
-                  guidance_scale: float, seed: int, batch_size: int, progress: bool = False) -> np.ndarray:
+                  guidance_scale: float, seed: int, batch_size: int, progress: bool = False,
+                  timestep_spacing: str = "linspace") -> np.ndarray:
     """`num_samples` uint8 NHWC images from a TrainConfig's model, in batches; batch i draws from
     fold_in(PRNGKey(seed), i * batch_size), so a seed always gives the same images."""
     m = config.model
@@ -105,6 +107,7 @@ def sample_images(params, config, num_samples: int, labels: np.ndarray | None, n
         out = generate(params, jax.random.fold_in(jax.random.PRNGKey(seed), start), batch_labels, model_config=m,
                        shape=(count, m.image_size, m.image_size, m.in_channels), num_steps=num_steps, eta=eta,
                        guidance_scale=guidance_scale, schedule_name=config.noise_schedule,
-                       timesteps=config.timesteps, prediction=config.prediction, batch_sharding=sharding)
+                       timesteps=config.timesteps, prediction=config.prediction,
+                       timestep_spacing=timestep_spacing, batch_sharding=sharding)
         images.append(to_uint8(out))
     return np.concatenate(images)

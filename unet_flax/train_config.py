@@ -76,6 +76,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.model.out_channels != self.model.in_channels:
+            raise ConfigError(f"model out_channels {self.model.out_channels} differs from in_channels "
+                              f"{self.model.in_channels}: diffusion predicts noise shaped like its input")
         if self.class_conditional and not self.model.null_label:
             for name, neutral in (("label_dropout", 0.0), ("guidance_scale", 1.0)):
                 if getattr(self, name) != neutral:

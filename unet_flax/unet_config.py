@@ -142,15 +142,20 @@ class UNetConfig:
         check_divisible(channels, self.head_dim, "head_dim")
         return channels // self.head_dim
 
-    def attention_channels(self) -> set[int]:
-        """The channel counts of the attention blocks (all levels' for num_heads, which the seed checks
-        everywhere; only those that carry attention for head_dim)."""
-        levels = range(self.num_levels) if self.head_dim is None else [
-            level for level in range(self.num_levels) if self.level_has_attention(level)]
-        channels = {self.base_channels * self.channel_mults[level] for level in levels}
+    def attended_channels(self) -> set[int]:
+        """The channel counts of the network's attention blocks: the levels with attention, the middle."""
+        channels = {self.base_channels * self.channel_mults[level]
+                    for level in range(self.num_levels) if self.level_has_attention(level)}
         if self.mid_attention:
             channels.add(self.base_channels * self.channel_mults[-1])
         return channels
+
+    def attention_channels(self) -> set[int]:
+        """The channel counts the head size must divide: the attention blocks' (and every level's for
+        num_heads, which the seed checks everywhere)."""
+        if self.head_dim is not None:
+            return self.attended_channels()
+        return self.attended_channels() | {self.base_channels * mult for mult in self.channel_mults}
 
     @property
     def num_label_embeddings(self) -> int:
