@@ -167,14 +167,14 @@ EXPORTS = {
 
 
 def random_params(config: UNetConfig, seed: int):
-    """Initialised params with every leaf moved off its initial value (zero biases, unit scales)."""
-    params = jax.jit(UNet(config).init)(jax.random.key(seed), jnp.zeros((1, 8, 8, config.in_channels)),
-                                        jnp.zeros((1,), jnp.int32),
-                                        None if config.num_classes is None else jnp.zeros((1,), jnp.int32))["params"]
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [leaf + WEIGHT_STD * jax.random.normal(k, leaf.shape)
-                                               for leaf, k in zip(leaves, keys)])
+    """Params of the config's shapes drawn as randomize_ draws torch weights (GroupNorm scales 1 + noise)."""
+    shapes = jax.eval_shape(UNet(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, config.in_channels)),
+                            jnp.zeros((1,), jnp.int32),
+                            None if config.num_classes is None else jnp.zeros((1,), jnp.int32))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: (path[-1].key == "scale") + WEIGHT_STD * rng.standard_normal(leaf.shape, np.float32),
+        shapes)
 
 
 @pytest.mark.parametrize("name", list(EXPORTS))
