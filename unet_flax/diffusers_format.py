@@ -311,8 +311,10 @@ def params_from_diffusers(config: UNetConfig, state_dict: Mapping[str, Any],
 
     Every key is used once: an unknown, a missing or (with `expected`, the Flax params or their
     jax.eval_shape) a wrongly shaped one raises ConversionError naming the diffusers key."""
+    from .convert import _flatten, _unwrap  # convert imports this module
+
     arrays = rename_legacy_keys({key: _float32(value) for key, value in state_dict.items()})
-    flat_expected = _flatten(expected) if expected is not None else None
+    flat_expected = _flatten(_unwrap(expected)) if expected is not None else None
     params: Params = {}
     for module, path, kind in module_pairs(config):
         keys = [f"{module}.{name}" for name in KIND_KEYS[kind]]
@@ -355,17 +357,6 @@ def _float32(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
         value = value.detach().float().cpu().numpy()
     return np.asarray(value, np.float32)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    tree = tree["params"] if not prefix and set(tree) == {"params"} else tree
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, name)))
-        else:
-            flat[(*prefix, name)] = value
-    return flat
 
 
 # -- folders --------------------------------------------------------------------------------------
