@@ -391,8 +391,8 @@ def from_diffusers(folder: str | Path) -> tuple[UNetConfig, Params]:
 
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder / CONFIG_NAME} does not exist: --model must be a folder written by "
-                                f"UNet2DModel.save_pretrained")
+        raise FileNotFoundError(f"{folder / CONFIG_NAME} does not exist: {folder} is not a folder that "
+                                f"UNet2DModel.save_pretrained wrote")
     config = unet_config_from_diffusers(json.loads((folder / CONFIG_NAME).read_text()))
     expected = jax.eval_shape(init_params, config, jax.random.key(0))
     return config, params_from_diffusers(config, read_state_dict(folder), expected)
