@@ -110,10 +110,17 @@ def test_import_forward(model_case, record_error):
     assert error <= 1e-5
 
 
-def test_import_gradients(model_case, record_error):
+# Gradients for the full-size DDPM and the variant that takes the most paths (labels, scale-shift,
+# centred input, scaled middle); the forward checks above already pin every weight's place, and
+# test_unet_parity checks gradients of every variant against the reference.
+GRADIENT_MODELS = ["ddpm-cifar10-32", "class-scale-shift"]
+
+
+@pytest.mark.parametrize("name", GRADIENT_MODELS)
+def test_import_gradients(name, tmp_root, record_error):
     """Gradients of <output, cotangent> for the input and every weight; the torch gradients go
     through the same converter as the weights."""
-    name, torch_model, _, config, params, size = model_case
+    torch_model, _, config, params, size = saved_model(name, tmp_root)
     x, t, y = make_inputs(torch_model, size, seed=1)
     x.requires_grad_(True)
     torch_model.zero_grad()

@@ -90,9 +90,10 @@ def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
                 kills.append("during a checkpoint write" if writing else f"after step {steps_saved()[-1]}")
                 break
             time.sleep(0.02)
-        proc.wait()
+        _, err = proc.communicate()
         if proc.returncode == 0:  # finished before it could be killed
             break
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
         restarted_from = steps_saved()
         assert not before or restarted_from[-1] >= before[-1]
     assert len(kills) == 5 and kills[0] == "during a checkpoint write", kills

@@ -209,7 +209,7 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
     state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
     _refuse_used_workdir(workdir)
     # Every check (keys, shapes) before the workdir is created: a bad file leaves nothing behind.
-    target = jax.eval_shape(init_params, config.model, jax.random.key(0))
+    target = jax.eval_shape(lambda key: init_params(config.model, key), jax.random.key(0))
     return write_checkpoint(config, torch_to_flax(state_dict, target))
 
 

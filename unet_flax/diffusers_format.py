@@ -394,7 +394,7 @@ def from_diffusers(folder: str | Path) -> tuple[UNetConfig, Params]:
         raise FileNotFoundError(f"{folder / CONFIG_NAME} does not exist: {folder} is not a folder that "
                                 f"UNet2DModel.save_pretrained wrote")
     config = unet_config_from_diffusers(json.loads((folder / CONFIG_NAME).read_text()))
-    expected = jax.eval_shape(init_params, config, jax.random.key(0))
+    expected = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
     return config, params_from_diffusers(config, read_state_dict(folder), expected)
 
 

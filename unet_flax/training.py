@@ -79,10 +79,23 @@ def example_inputs(config: TrainConfig | UNetConfig, batch_size: int = 1) -> tup
     return x, jnp.zeros((batch_size,), jnp.int32), y
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def init_params(model: UNetConfig, rng: jax.Array) -> Any:
     """The U-Net's initial parameters, from one compiled program: run op by op, Flax's init compiles
     each of its hundreds of small operations apart (25 s of a tiny run's start on a 2-core CPU)."""
+    if isinstance(rng, jax.core.Tracer):  # traced (eval_shape, a caller's jit): part of that program
+        return _init(model, rng)
+    return _init_program(jax.default_backend())(model, rng)
+
+
+@functools.cache
+def _init_program(backend: str) -> Callable[[UNetConfig, jax.Array], Any]:
+    # The program is one threefry expansion per parameter and runs once: LLVM's optimisations take
+    # XLA:CPU 30 s on it for nothing (5 s without them, on a 2-core CPU without AVX-512).
+    options = {"xla_backend_optimization_level": 0} if backend == "cpu" else None
+    return jax.jit(_init, static_argnums=0, compiler_options=options)
+
+
+def _init(model: UNetConfig, rng: jax.Array) -> Any:
     return UNet(model).init(rng, *example_inputs(model))["params"]
 
 
