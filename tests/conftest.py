@@ -11,9 +11,11 @@ import tempfile
 
 # Must precede the first `import jax` of the session: data-parallel tests need several devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-# One compilation cache for the session, shared with the train.py processes the tests start: each
-# program compiles once per run of the suite, small ones included.
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="unet_flax_test_xla_")
+# One compilation cache for the session, shared with the train.py processes the tests start and with
+# pytest-xdist's workers (started after this runs in the main process, they inherit the variable):
+# each program compiles once per run of the suite, small ones included.
+WORKER = "PYTEST_XDIST_WORKER" in os.environ
+COMPILATION_CACHE = os.environ["UNET_FLAX_COMPILATION_CACHE"] if WORKER else tempfile.mkdtemp(prefix="unet_flax_test_xla_")
 os.environ["UNET_FLAX_COMPILATION_CACHE"] = COMPILATION_CACHE
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -77,7 +79,26 @@ def record_error():
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+    if not WORKER:
+        shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+
+
+def pytest_sessionfinish(session):
+    if WORKER:  # hand this worker's errors to the main process, which prints the table
+        session.config.workeroutput["parity_errors"] = [[*key, error] for key, error in PARITY_ERRORS.items()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    # `-n auto`: one worker per core, at most 4: each holds PyTorch, JAX and the train.py processes
+    # its tests start (about 2 GB together).
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    for module, quantity, value in getattr(node, "workeroutput", {}).get("parity_errors", []):
+        PARITY_ERRORS[module, quantity] = max(PARITY_ERRORS[module, quantity], value)
 
 
 def pytest_terminal_summary(terminalreporter):

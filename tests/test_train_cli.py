@@ -1,17 +1,15 @@
-"""train.py as a user runs it: flags, resume, bit-exact continuation, several hosts, errors."""
+"""train.py as a user runs it: flags, resume, bit-exact continuation, sampling, export, errors
+(several processes and signals: test_multiprocess.py)."""
 import json
-import os
-import signal
+import shutil
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from commands import (ROOT, TINY, assert_bit_identical, params_at, run_sample, run_train, start_processes, summary,
-                      wait_for)
+from commands import ROOT, assert_bit_identical, params_at, run_sample, run_train, summary
 from parity import rel_error, without_key_biases
 
 
@@ -35,16 +33,24 @@ def test_a_run_writes_what_it_promises(uninterrupted):
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
 
 
-def test_interrupted_and_resumed_is_bit_identical(uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def stopped_at_3(tmp_path_factory):
+    """The uninterrupted run's first half (pmap, the default driver), to be resumed by the tests."""
+    workdir = tmp_path_factory.mktemp("stopped_at_3")
+    run_train(workdir, "--steps", "3", "--save-every", "3")
+    return workdir
+
+
+def test_interrupted_and_resumed_is_bit_identical(uninterrupted, stopped_at_3, tmp_path):
     """Stop at step 3, resume to step 6: the same bits as the run that was never stopped."""
-    run_train(tmp_path, "--steps", "3", "--save-every", "3")
+    shutil.copytree(stopped_at_3, tmp_path, dirs_exist_ok=True)
     resumed = summary(run_train(tmp_path, "--steps", "6", "--save-every", "3"))
     assert resumed["resumed_from"] == 3 and resumed["step"] == 6
     assert_bit_identical(params_at(tmp_path, 6), params_at(uninterrupted[0], 6))
 
 
-def test_resume_under_the_other_driver(uninterrupted, tmp_path):
-    run_train(tmp_path, "--steps", "3", "--save-every", "3", "--parallel", "pmap")
+def test_resume_under_the_other_driver(uninterrupted, stopped_at_3, tmp_path):
+    shutil.copytree(stopped_at_3, tmp_path, dirs_exist_ok=True)
     resumed = summary(run_train(tmp_path, "--steps", "6", "--save-every", "3", "--parallel", "jit"))
     assert resumed["resumed_from"] == 3
     errors = jax.tree_util.tree_map(rel_error, without_key_biases(params_at(tmp_path, 6)["params"]),
@@ -79,45 +85,6 @@ def test_help_lists_every_field():
                  "--data", "--image-size", "--class-conditional", "--save-every", "--sample-every",
                  "--resume", "--no-resume", "--channel-mults", "--ema-decay", "--min-snr-gamma"):
         assert flag in result.stdout, flag
-
-
-def assert_same_state(a, b, tolerance):
-    """Parameters, EMA and optimiser state agree to `tolerance` (key biases aside: see without_key_biases)."""
-    for name in ("params", "ema_params", "opt_state"):
-        errors = jax.tree_util.tree_map(rel_error, without_key_biases(a[name]), without_key_biases(b[name]))
-        assert max(jax.tree_util.tree_leaves(errors)) <= tolerance, name
-    assert int(a["step"]) == int(b["step"])
-
-
-@pytest.mark.parametrize("driver", ["pmap", "jit"])
-def test_two_processes_match_one_process(uninterrupted, tmp_path, driver):
-    """2 processes x 2 CPU devices (gloo) reach the state 1 process x 4 devices reaches, under either driver."""
-    procs = start_processes(tmp_path, 2, "--steps", "6", "--save-every", "3", "--parallel", driver)
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    assert_same_state(params_at(tmp_path, 6), params_at(uninterrupted[0], 6), 1e-5)
-
-
-@pytest.mark.parametrize("signalled,apart_s", [((1,), 0.0), ((0, 1), 0.5)], ids=["one process", "both, apart"])
-def test_sigterm_in_a_two_process_run_stops_both_at_one_step(tmp_path, signalled, apart_s):
-    """Whichever processes get SIGTERM, both save the same step, exit 0 within 60 s, and the run resumes."""
-    procs = start_processes(tmp_path, 2, "--steps", "100000", "--save-every", "100000")
-    wait_for(tmp_path / "metrics.jsonl", procs)
-    for i in signalled:
-        procs[i].send_signal(signal.SIGTERM)
-        time.sleep(apart_s)
-    sent = time.time()
-    outputs = [proc.communicate(timeout=120) for proc in procs]
-    assert time.time() - sent < 60
-    for proc, (_, err) in zip(procs, outputs):
-        assert proc.returncode == 0, err[-3000:]
-    steps = {json.loads(out.strip().splitlines()[-1])["step"] for out, _ in outputs}
-    assert len(steps) == 1
-    stopped = steps.pop()
-    assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
-    resumed = summary(run_train(tmp_path, "--steps", str(stopped + 2)))
-    assert resumed["resumed_from"] == stopped and resumed["step"] == stopped + 2
 
 
 def test_sample_is_reproducible_and_writes_npz(uninterrupted, tmp_path):
@@ -229,24 +196,6 @@ def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
     result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "export", "--workdir", str(uninterrupted[0]),
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "exists" in result.stderr and out.read_text() == "precious"
-
-
-def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
-    """The signal a cluster sends before preemption: finish the step, save, print the summary, exit 0."""
-    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *TINY,
-                             "--steps", "100000", "--save-every", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
-    wait_for(tmp_path / "metrics.jsonl", [proc])
-    proc.send_signal(signal.SIGTERM)
-    sent = time.time()
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
-    assert time.time() - sent < 30
-    stopped = json.loads(out.strip().splitlines()[-1])
-    assert stopped["step"] >= 2 and (tmp_path / "checkpoints" / str(stopped["step"])).is_dir()
-    resumed = summary(run_train(tmp_path, "--steps", str(stopped["step"] + 2)))
-    assert resumed["resumed_from"] == stopped["step"]
 
 
 def test_training_on_packed_records(tmp_path):
