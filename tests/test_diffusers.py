@@ -110,10 +110,10 @@ def test_import_forward(model_case, record_error):
     assert error <= 1e-5
 
 
-# Gradients for the full-size DDPM and the variant that takes the most paths (labels, scale-shift,
-# centred input, scaled middle); the forward checks above already pin every weight's place, and
-# test_unet_parity checks gradients of every variant against the reference.
-GRADIENT_MODELS = ["ddpm-cifar10-32", "class-scale-shift"]
+# Gradients for the full-size DDPM, the six-level layout and the variant that takes the most paths
+# (labels, scale-shift, centred input, scaled middle); the forward checks above already pin every
+# weight's place, and test_unet_parity checks gradients of every variant against the reference.
+GRADIENT_MODELS = ["ddpm-cifar10-32", "ddpm-256-layout", "class-scale-shift"]
 
 
 @pytest.mark.parametrize("name", GRADIENT_MODELS)
