@@ -5,6 +5,7 @@ PyTorch at float32 need JAX's CPU backend, and train.py's GPU default (bfloat16)
 what the subprocess tests compare. `python -m pytest --gpu` runs the tests marked `gpu` with JAX
 on the GPU: the parity suite, cuDNN attention, bf16 training and sampling.
 """
+import fcntl
 import os
 import shutil
 import tempfile
@@ -47,6 +48,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: also runs under --gpu with JAX on the GPU; skipped there without one")
+    config.addinivalue_line("markers", "alone: under pytest-xdist, runs while the other workers wait")
     # Before any backend starts; subprocesses inherit the variables.
     if config.getoption("--gpu"):
         # train.py and sample.py subprocesses share the GPU with this process: no up-front 75% grab.
@@ -78,9 +80,23 @@ def record_error():
     return record
 
 
+@pytest.fixture(autouse=True)
+def cpu_share(request):
+    """Under pytest-xdist, a test marked `alone` runs while no other worker runs one: processes joined
+    by gloo collectives fail when one reaches them 30 s after the other, as on a shared 2-core CPU."""
+    if not WORKER:
+        yield
+        return
+    with open(f"{COMPILATION_CACHE}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
+        yield
+
+
 def pytest_unconfigure(config):
     if not WORKER:
         shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
+        if os.path.exists(f"{COMPILATION_CACHE}.lock"):
+            os.remove(f"{COMPILATION_CACHE}.lock")
 
 
 def pytest_sessionfinish(session):

@@ -14,6 +14,9 @@ import pytest
 from commands import ROOT, TINY, params_at, run_train, start_processes, summary, wait_for
 from parity import rel_error, without_key_biases
 
+# Two processes meet in gloo collectives with a fixed 30 s timeout: not beside another worker's tests.
+pytestmark = pytest.mark.alone
+
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
