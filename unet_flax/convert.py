@@ -197,10 +197,9 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
     takes the digits preset's training settings."""
     import json
 
-    import jax
     import torch
 
-    from .training import init_params
+    from .training import param_shapes
 
     fields = json.loads(Path(config_path).read_text())
     config = TrainConfig.from_dict(fields) if "model" in fields else dataclasses.replace(
@@ -209,7 +208,7 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
     state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
     _refuse_used_workdir(workdir)
     # Every check (keys, shapes) before the workdir is created: a bad file leaves nothing behind.
-    target = jax.eval_shape(lambda key: init_params(config.model, key), jax.random.key(0))
+    target = param_shapes(config.model)
     return write_checkpoint(config, torch_to_flax(state_dict, target))
 
 

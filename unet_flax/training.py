@@ -99,6 +99,11 @@ def _init(model: UNetConfig, rng: jax.Array) -> Any:
     return UNet(model).init(rng, *example_inputs(model))["params"]
 
 
+def param_shapes(model: UNetConfig) -> Any:
+    """The parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), computing nothing."""
+    return jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
+
+
 def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
     return train_state_from_params(config, init_params(config.model, rng))
 
