@@ -122,8 +122,9 @@ class StopSignal:
     def __init__(self):
         self.several_processes = jax.process_count() > 1
         self.received = False
+        self.previous_handler = None
         if not self.several_processes:  # JAX's preemption notifier owns SIGTERM across processes
-            signal.signal(signal.SIGTERM, self._receive)
+            self.previous_handler = signal.signal(signal.SIGTERM, self._receive)
 
     def _receive(self, *_) -> None:
         self.received = True
@@ -133,6 +134,11 @@ class StopSignal:
         if self.several_processes:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.received
+
+    def close(self) -> None:
+        """SIGTERM's handler as it was before the run (train() may be called in a longer-lived program)."""
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
 
 
 class DeviceFeed:
@@ -294,6 +300,7 @@ def train(args) -> dict:
                 break
         checkpoints.wait()
     finally:
+        stop.close()
         feed.close()
         progress.close()
         log.close()

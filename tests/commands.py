@@ -1,6 +1,15 @@
-"""Running the project's commands in subprocesses, as a user does, and reading what they wrote."""
+"""Running the project's commands as a user does, and reading what they wrote.
+
+`run_main` runs a command's `main(argv)` in this process: what `python train.py ...` runs, without
+starting an interpreter, importing JAX and re-tracing every small program again (10-15 s a run on
+a 2-core CPU). What needs a process of its own (signals, several processes, another environment,
+a crash's traceback) starts one with `run_process` or `start_processes`."""
+import contextlib
+import importlib
+import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,13 +26,55 @@ TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1
         "--num-samples", "10", "--sampling-steps", "2", "--log-every", "2", "--warmup-steps", "2"]
 
 
-def run_train(workdir, *flags, devices=4, env=None, check=True):
-    environment = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **(env or {})}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *TINY, *flags],
-                            capture_output=True, text=True, env=environment, cwd=ROOT, timeout=600)
+def command_line(command: str, *args) -> list[str]:
+    """`command` is a script (train.py, sample.py, ...) or a module run with -m (unet_flax.convert)."""
+    program = [str(ROOT / command)] if command.endswith(".py") else ["-m", command]
+    return [sys.executable, *program, *map(str, args)]
+
+
+def run_main(command: str, *args, check: bool = False) -> subprocess.CompletedProcess:
+    """`python command args` as `main(args)` in this process: its exit code, stdout and stderr, with
+    the matmul precision a fresh process has (conftest's "highest" would make other programs)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    module = importlib.import_module(command.removesuffix(".py"))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    xla_flags, sigterm = os.environ["XLA_FLAGS"], signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                jax.default_matmul_precision(None):
+            try:
+                code = module.main([str(a) for a in args])
+            except SystemExit as exit_:  # argparse: usage errors and --help
+                code = exit_.code
+    finally:  # what the command changed for its own process
+        os.environ["XLA_FLAGS"] = xla_flags
+        signal.signal(signal.SIGTERM, sigterm)
+    result = subprocess.CompletedProcess([command, *args], code, stdout.getvalue(), stderr.getvalue())
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_process(command: str, *args, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`python command args` in a process of its own, with this one's environment (conftest's 4 CPU
+    devices) and `env`."""
+    result = subprocess.run(command_line(command, *args), capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, cwd=ROOT, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_train(workdir, *flags, check: bool = True) -> subprocess.CompletedProcess:
+    """train.py on the tiny network, in this process."""
+    return run_main("train.py", "--workdir", workdir, *TINY, *flags, check=check)
+
+
+def run_sample(workdir, *flags, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """sample.py, in this process; in a process of its own where `env` changes the environment."""
+    run = run_main if env is None else lambda *args, check: run_process(*args, env=env, check=check)
+    return run("sample.py", "--workdir", workdir, *flags, check=check)
 
 
 def summary(result) -> dict:
@@ -55,8 +106,8 @@ def start_processes(workdir, count: int, *flags) -> list[subprocess.Popen]:
     port = free_port()
     environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return [subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *TINY, *flags, "--distributed",
-         "--coordinator-address", f"localhost:{port}", "--num-processes", str(count), "--process-id", str(i)],
+        command_line("train.py", "--workdir", workdir, *TINY, *flags, "--distributed", "--coordinator-address",
+                     f"localhost:{port}", "--num-processes", count, "--process-id", i),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
         for i in range(count)]
 
@@ -69,10 +120,3 @@ def wait_for(path: Path, procs: list[subprocess.Popen], timeout_s: float = 300) 
         assert time.time() < deadline, f"{path} did not appear in {timeout_s} s"
         time.sleep(0.2)
 
-
-def run_sample(workdir, *flags, check=True, env=None):
-    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--workdir", str(workdir), *flags],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **(env or {})})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result

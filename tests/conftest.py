@@ -26,6 +26,8 @@ import collections  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from unet_flax.cli import use_xla_cpu_convolutions  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 try:
@@ -56,6 +58,9 @@ def pytest_configure(config):
     else:
         os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
+        # XLA's convolutions, as the commands choose on the CPU: the commands the tests run in this
+        # process (commands.run_main) and in their own compute the same programs, bit for bit.
+        use_xla_cpu_convolutions()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -184,17 +184,16 @@ def test_packed_records_hold_what_the_folder_holds(tmp_path):
 
 def test_pack_command_line_packs_an_npz(tmp_path):
     import json
-    import subprocess
-    import sys
+
+    from commands import run_main, run_process
 
     images = np.random.default_rng(0).integers(0, 255, (7, 6, 6, 1), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", images=images, labels=np.arange(7) % 2)
-    result = subprocess.run([sys.executable, "-m", "unet_flax.input_pipeline", "pack", str(tmp_path / "d.npz"),
-                             "--out", str(tmp_path / "out"), "--image-size", "6"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_process("unet_flax.input_pipeline", "pack", tmp_path / "d.npz", "--out", tmp_path / "out",
+                         "--image-size", "6", check=True)
     assert json.loads(result.stdout.splitlines()[-1])["count"] == 7
     packed = ip.load(str(tmp_path / "out"), 6)
     np.testing.assert_array_equal(np.stack([packed[i]["image"] for i in range(7)]), images)
-    bad = subprocess.run([sys.executable, "-m", "unet_flax.input_pipeline", "pack", str(tmp_path / "d.npz"),
-                          "--out", str(tmp_path / "out2"), "--image-size", "0"], capture_output=True, text=True)
+    bad = run_main("unet_flax.input_pipeline", "pack", tmp_path / "d.npz", "--out", tmp_path / "out2",
+                   "--image-size", "0")
     assert bad.returncode == 2 and "--image-size must be positive, got 0" in bad.stderr

@@ -4,8 +4,6 @@ refusals, the command lines, and DDIM's timestep spacings."""
 import dataclasses
 import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -22,7 +20,7 @@ from unet_flax.diffusers_format import (LEGACY_ATTENTION_NAMES, NULL_LABEL_KEY, 
                                         params_to_diffusers, unet_config_from_diffusers)
 from unet_flax.unet_config import ConfigError, ConversionError
 
-from commands import ROOT, assert_bit_identical
+from commands import assert_bit_identical, run_main
 from parity import randomize_, rel_error, to_nchw, to_nhwc
 
 # What google/ddpm-cifar10-32 and the 256x256 DDPM models (cat, church, bedroom, celebahq) set.
@@ -299,8 +297,7 @@ def test_export_refuses_what_diffusers_cannot_state_and_writes_nothing(change, m
 
 
 def run_convert(*args):
-    return subprocess.run([sys.executable, "-m", "unet_flax.convert", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
+    return run_main("unet_flax.convert", *args)
 
 
 def test_command_lines_import_sample_fine_tune_export(tmp_root, tmp_path):
@@ -315,15 +312,11 @@ def test_command_lines_import_sample_fine_tune_export(tmp_root, tmp_path):
     assert again.returncode == 1 and again.stderr.strip().splitlines() == [
         f"error: {workdir} already holds checkpoints; import into a new --workdir"]
 
-    sample = subprocess.run([sys.executable, "sample.py", "--workdir", workdir, "--num-samples", "3",
-                             "--sampling-steps", "2", "--timestep-spacing", "trailing"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert sample.returncode == 0, sample.stderr[-2000:]
+    sample = run_main("sample.py", "--workdir", workdir, "--num-samples", "3", "--sampling-steps", "2",
+                      "--timestep-spacing", "trailing", check=True)
     assert json.loads(sample.stdout.splitlines()[-1])["timestep_spacing"] == "trailing"
-    train = subprocess.run([sys.executable, "train.py", "--workdir", workdir, "--steps", "2", "--batch-size", "4",
-                            "--log-every", "1", "--warmup-steps", "1", "--num-samples", "2",
-                            "--sampling-steps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert train.returncode == 0, train.stderr[-2000:]
+    train = run_main("train.py", "--workdir", workdir, "--steps", "2", "--batch-size", "4", "--log-every", "1",
+                     "--warmup-steps", "1", "--num-samples", "2", "--sampling-steps", "1", check=True)
     assert json.loads(train.stdout.splitlines()[-1])["resumed_from"] == 0
 
     result = run_convert("export-diffusers", "--workdir", workdir, "--out", out)

@@ -2,16 +2,14 @@
 under both drivers; SIGTERM to one process, to both a moment apart, and to a single-process run, each
 followed by a resume."""
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import pytest
 
-from commands import ROOT, TINY, params_at, run_train, start_processes, summary, wait_for
+from commands import ROOT, TINY, command_line, params_at, run_train, start_processes, summary, wait_for
 from parity import rel_error, without_key_biases
 
 # Two processes meet in gloo collectives with a fixed 30 s timeout: not beside another worker's tests.
@@ -67,10 +65,9 @@ def test_sigterm_in_a_two_process_run_stops_both_at_one_step(tmp_path, signalled
 
 def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
     """The signal a cluster sends before preemption: finish the step, save, print the summary, exit 0."""
-    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *TINY,
-                             "--steps", "100000", "--save-every", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
+    proc = subprocess.Popen(command_line("train.py", "--workdir", tmp_path, *TINY, "--steps", "100000",
+                                         "--save-every", "100000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for(tmp_path / "metrics.jsonl", [proc])
     proc.send_signal(signal.SIGTERM)
     sent = time.time()

@@ -2,13 +2,16 @@
 one, keeps it (renamed N.damaged), and never starts from scratch silently."""
 import json
 import shutil
+import signal
+import subprocess
+import time
 
 import grain
 import jax
 import numpy as np
 import pytest
 
-from commands import params_at, run_train, summary
+from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train, summary
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +69,7 @@ def test_all_checkpoints_damaged_stops_and_keeps_them(trained, tmp_path):
 def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
     """SIGKILL during checkpoint writes and between steps: each restart resumes from the newest complete
     checkpoint, every checkpoint left restores, and the end equals the uninterrupted run bit for bit."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from commands import ROOT, TINY, assert_bit_identical, params_at
-
-    flags = [*TINY, "--steps", "6", "--save-every", "1"]
-    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    command = command_line("train.py", "--workdir", tmp_path, *TINY, "--steps", "6", "--save-every", "1")
     checkpoints = tmp_path / "checkpoints"
 
     def steps_saved():
@@ -85,8 +78,7 @@ def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
     kills = []
     while len(kills) < 5:
         before = steps_saved()
-        proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *flags],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, cwd=ROOT)
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             writing = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
@@ -103,13 +95,12 @@ def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
         assert not before or restarted_from[-1] >= before[-1]
     assert len(kills) == 5 and kills[0] == "during a checkpoint write", kills
     newest = steps_saved()[-1]
-    final = subprocess.run([sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *flags],
-                           capture_output=True, text=True, env=environment, cwd=ROOT)
+    final = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert final.returncode == 0, final.stderr[-2000:]
     for step in steps_saved():  # nothing left behind that fails to restore
         params_at(tmp_path, step)
 
-    reference = tmp_path.parent / "never-killed"
+    reference = tmp_path.parent / "never-killed"  # in this process: the same programs, bit for bit
     run_train(reference, "--steps", "6", "--save-every", "1")
     assert_bit_identical(params_at(tmp_path, 6), params_at(reference, 6))
     finished = json.loads(final.stdout.strip().splitlines()[-1])

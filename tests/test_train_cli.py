@@ -1,22 +1,23 @@
 """train.py as a user runs it: flags, resume, bit-exact continuation, sampling, export, errors
-(several processes and signals: test_multiprocess.py)."""
+(several processes and signals: test_multiprocess.py). The run the others continue is a process of
+its own; the rest run in this process (commands.run_main), and must continue it bit for bit."""
 import json
 import shutil
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
 
-from commands import ROOT, assert_bit_identical, params_at, run_sample, run_train, summary
+from commands import (ROOT, TINY, assert_bit_identical, params_at, run_main, run_process, run_sample, run_train,
+                      summary)
 from parity import rel_error, without_key_biases
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_train(workdir, "--steps", "6", "--save-every", "3")
+    result = run_process("train.py", "--workdir", workdir, *TINY, "--steps", "6", "--save-every", "3", check=True)
     return workdir, summary(result)
 
 
@@ -66,11 +67,14 @@ def test_steps_at_or_below_the_checkpoint_train_nothing(uninterrupted):
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
 
 
-def test_incompatible_resume_names_the_fields(uninterrupted):
-    result = run_train(uninterrupted[0], "--steps", "9", "--base-channels", "12", "--seed", "4", check=False)
+def test_incompatible_resume_names_the_fields_and_changes_nothing(uninterrupted):
+    workdir, _ = uninterrupted
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    result = run_train(workdir, "--steps", "9", "--base-channels", "12", "--seed", "4", check=False)
     assert result.returncode == 2
     assert "model.base_channels (8 -> 12)" in result.stderr and "seed (0 -> 4)" in result.stderr
     assert "Traceback" not in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
 
 
 def test_no_resume_refuses_a_workdir_with_checkpoints(uninterrupted):
@@ -79,8 +83,7 @@ def test_no_resume_refuses_a_workdir_with_checkpoints(uninterrupted):
 
 
 def test_help_lists_every_field():
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True, text=True,
-                            cwd=ROOT)
+    result = run_main("train.py", "--help", check=True)
     for flag in ("--preset", "--workdir", "--steps", "--batch-size", "--lr", "--parallel", "--dtype", "--seed",
                  "--data", "--image-size", "--class-conditional", "--save-every", "--sample-every",
                  "--resume", "--no-resume", "--channel-mults", "--ema-decay", "--min-snr-gamma"):
@@ -151,9 +154,7 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
 
     workdir, _ = uninterrupted
     out = tmp_path / "model.pt"
-    result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "export", "--workdir", str(workdir),
-                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_main("unet_flax.convert", "export", "--workdir", workdir, "--out", out, check=True)
     config = TrainConfig.from_dict(json.loads(out.with_suffix(".json").read_text()))
     torch_model = reference.UNet(config.model).eval()
     torch_model.load_state_dict(torch.load(out, weights_only=True), strict=True)
@@ -179,10 +180,8 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
         assert rel_error(flax_samples, torch_samples.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
     imported = tmp_path / "imported"
-    result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "import", "--state-dict", str(out),
-                             "--config", str(out.with_suffix(".json")), "--workdir", str(imported)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_main("unet_flax.convert", "import", "--state-dict", out, "--config", out.with_suffix(".json"),
+             "--workdir", imported, check=True)
     restored, _, step = load_params(imported)
     assert step == 0
     assert_bit_identical(restored, params)
@@ -193,8 +192,7 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
 def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
     out = tmp_path / "model.pt"
     out.write_text("precious")
-    result = subprocess.run([sys.executable, "-m", "unet_flax.convert", "export", "--workdir", str(uninterrupted[0]),
-                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    result = run_main("unet_flax.convert", "export", "--workdir", uninterrupted[0], "--out", out)
     assert result.returncode == 1 and "exists" in result.stderr and out.read_text() == "precious"
 
 
@@ -202,10 +200,8 @@ def test_training_on_packed_records(tmp_path):
     """`pack` an .npz into ArrayRecord shards; train.py reads them through grain worker processes."""
     rng = np.random.default_rng(3)
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (40, 8, 8, 1), dtype=np.uint8), labels=np.arange(40) % 4)
-    packed = subprocess.run([sys.executable, "-m", "unet_flax.input_pipeline", "pack", str(tmp_path / "d.npz"),
-                             "--out", str(tmp_path / "packed"), "--image-size", "8", "--examples-per-shard", "16"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert packed.returncode == 0, packed.stderr[-2000:]
+    run_main("unet_flax.input_pipeline", "pack", tmp_path / "d.npz", "--out", tmp_path / "packed", "--image-size", "8",
+             "--examples-per-shard", "16", check=True)
     result = summary(run_train(tmp_path / "run", "--data", str(tmp_path / "packed"), "--class-conditional",
                                "--steps", "2", "--data-workers", "2"))
     assert result["step"] == 2 and np.isfinite(result["loss"])
