@@ -111,7 +111,7 @@ def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
 def train_state_from_params(config: TrainConfig, params: Any) -> TrainState:
     """Step 0 with these weights (also as the EMA) and a fresh optimizer state."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree_util.tree_map(jnp.copy, params),
+                      ema_params=jax.device_put(params, may_alias=False),  # its own buffers: the steps donate
                       opt_state=jax.jit(make_optimizer(config).init)(params), skipped_steps=jnp.zeros((), jnp.int32))
 
 
@@ -227,7 +227,9 @@ class Parallel:
 
     def host_state(self, state: Any) -> Any:
         """The driver's layout -> numpy, one copy (read from this process's first device)."""
-        read = (lambda x: np.asarray(first_replica(x))) if self.kind == "pmap" else local_value
+        # pmap's copies are read whole and indexed on the host: indexing on the device compiles a
+        # program per parameter shape.
+        read = (lambda x: np.asarray(x.addressable_shards[0].data)[0]) if self.kind == "pmap" else local_value
         return jax.tree_util.tree_map(read, state)
 
     def canonical_state(self, state: Any) -> Any:
