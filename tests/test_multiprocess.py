@@ -1,6 +1,6 @@
-"""train.py as several processes and under signals: two processes on localhost (gloo) against one,
-under both drivers; SIGTERM to one process, to both a moment apart, and to a single-process run, each
-followed by a resume."""
+"""train.py as several processes and under signals: two processes on localhost (gloo) stopped by
+SIGTERM, to one of them or to both a moment apart, under either driver; each resumed and compared
+with one process that ran the same steps; and SIGTERM to a single-process run."""
 import json
 import signal
 import subprocess
@@ -15,13 +15,7 @@ from parity import rel_error, without_key_biases
 # Two processes meet in gloo collectives with a fixed 30 s timeout: not beside another worker's tests.
 pytestmark = pytest.mark.alone
 
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """What the processes must reach: one process with 4 CPU devices."""
-    workdir = tmp_path_factory.mktemp("one_process")
-    run_train(workdir, "--steps", "6", "--save-every", "3")
-    return workdir
+UNTIL_STOPPED = ["--steps", "100000", "--save-every", "100000"]
 
 
 def assert_same_state(a, b, tolerance):
@@ -32,21 +26,9 @@ def assert_same_state(a, b, tolerance):
     assert int(a["step"]) == int(b["step"])
 
 
-@pytest.mark.parametrize("driver", ["pmap", "jit"])
-def test_two_processes_match_one_process(one_process, tmp_path, driver):
-    """2 processes x 2 CPU devices (gloo) reach the state 1 process x 4 devices reaches, under either driver."""
-    procs = start_processes(tmp_path, 2, "--steps", "6", "--save-every", "3", "--parallel", driver)
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
-    assert_same_state(params_at(tmp_path, 6), params_at(one_process, 6), 1e-5)
-
-
-@pytest.mark.parametrize("signalled,apart_s", [((1,), 0.0), ((0, 1), 0.5)], ids=["one process", "both, apart"])
-def test_sigterm_in_a_two_process_run_stops_both_at_one_step(tmp_path, signalled, apart_s):
-    """Whichever processes get SIGTERM, both save the same step, exit 0 within 60 s, and the run resumes."""
-    procs = start_processes(tmp_path, 2, "--steps", "100000", "--save-every", "100000")
-    wait_for(tmp_path / "metrics.jsonl", procs)
+def stop_with_sigterm(procs: list[subprocess.Popen], signalled: tuple[int, ...], apart_s: float) -> int:
+    """SIGTERM to the `signalled` processes once training has logged: the step every process stopped
+    at, after checking that each exited 0 within 60 s and said why it stopped."""
     for i in signalled:
         procs[i].send_signal(signal.SIGTERM)
         time.sleep(apart_s)
@@ -55,26 +37,37 @@ def test_sigterm_in_a_two_process_run_stops_both_at_one_step(tmp_path, signalled
     assert time.time() - sent < 60
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
+        assert "SIGTERM: saved step" in err, err[-3000:]
     steps = {json.loads(out.strip().splitlines()[-1])["step"] for out, _ in outputs}
-    assert len(steps) == 1
-    stopped = steps.pop()
-    assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
-    resumed = summary(run_train(tmp_path, "--steps", str(stopped + 2)))
+    assert len(steps) == 1, steps
+    return steps.pop()
+
+
+@pytest.mark.parametrize("driver,signalled,apart_s", [("pmap", (1,), 0.0), ("jit", (0, 1), 0.5)],
+                         ids=["pmap, one process signalled", "jit, both signalled apart"])
+def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driver, signalled, apart_s):
+    """2 processes x 2 CPU devices (gloo): whichever of them get SIGTERM, both save the same step and
+    exit 0 within 60 s; resumed for two more steps, the run equals 1 process x 4 devices that ran
+    all of them without a stop."""
+    workdir = tmp_path / "two_processes"
+    procs = start_processes(workdir, 2, *UNTIL_STOPPED, "--parallel", driver)
+    wait_for(workdir / "metrics.jsonl", procs)
+    stopped = stop_with_sigterm(procs, signalled, apart_s)
+    assert (workdir / "checkpoints" / str(stopped)).is_dir()
+
+    resumed = summary(run_train(workdir, "--steps", str(stopped + 2)))
     assert resumed["resumed_from"] == stopped and resumed["step"] == stopped + 2
+    one_process = tmp_path / "one_process"
+    run_train(one_process, "--steps", str(stopped + 2))
+    assert_same_state(params_at(workdir, stopped + 2), params_at(one_process, stopped + 2), 1e-5)
 
 
 def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
     """The signal a cluster sends before preemption: finish the step, save, print the summary, exit 0."""
-    proc = subprocess.Popen(command_line("train.py", "--workdir", tmp_path, *TINY, "--steps", "100000",
-                                         "--save-every", "100000"),
+    proc = subprocess.Popen(command_line("train.py", "--workdir", tmp_path, *TINY, *UNTIL_STOPPED),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for(tmp_path / "metrics.jsonl", [proc])
-    proc.send_signal(signal.SIGTERM)
-    sent = time.time()
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err[-2000:]
-    assert time.time() - sent < 30
-    stopped = json.loads(out.strip().splitlines()[-1])
-    assert stopped["step"] >= 2 and (tmp_path / "checkpoints" / str(stopped["step"])).is_dir()
-    resumed = summary(run_train(tmp_path, "--steps", str(stopped["step"] + 2)))
-    assert resumed["resumed_from"] == stopped["step"]
+    stopped = stop_with_sigterm([proc], (0,), 0.0)
+    assert stopped >= 2 and (tmp_path / "checkpoints" / str(stopped)).is_dir()
+    resumed = summary(run_train(tmp_path, "--steps", str(stopped + 2)))
+    assert resumed["resumed_from"] == stopped

@@ -199,11 +199,12 @@ def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
 def test_training_on_packed_records(tmp_path):
     """`pack` an .npz into ArrayRecord shards; train.py reads them through grain worker processes."""
     rng = np.random.default_rng(3)
-    np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (40, 8, 8, 1), dtype=np.uint8), labels=np.arange(40) % 4)
+    # Ten classes: the network of the other tiny runs, whose programs are compiled.
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (40, 8, 8, 1), dtype=np.uint8), labels=np.arange(40) % 10)
     run_main("unet_flax.input_pipeline", "pack", tmp_path / "d.npz", "--out", tmp_path / "packed", "--image-size", "8",
              "--examples-per-shard", "16", check=True)
     result = summary(run_train(tmp_path / "run", "--data", str(tmp_path / "packed"), "--class-conditional",
                                "--steps", "2", "--data-workers", "2"))
     assert result["step"] == 2 and np.isfinite(result["loss"])
     config = params_at(tmp_path / "run", 2)["params"]["label_embedding"]["embedding"]
-    assert config.shape[0] == 5  # 4 classes from the packed labels, and the null label
+    assert config.shape[0] == 11  # 10 classes from the packed labels, and the null label

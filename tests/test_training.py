@@ -135,6 +135,16 @@ def test_remat_changes_neither_parameters_nor_training():
     assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
 
 
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step():
+    cosine = training.learning_rate(dataclasses.replace(CONFIG, lr_schedule="cosine", lr=0.2, warmup_steps=10,
+                                                        steps=110))
+    constant = training.learning_rate(dataclasses.replace(CONFIG, lr=0.2, warmup_steps=10, steps=110))
+    for schedule in (cosine, constant):
+        np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.1, 0.2], rtol=1e-6)
+    np.testing.assert_allclose([cosine(60), cosine(110)], [0.1, 0.0], rtol=1e-6, atol=1e-9)  # cos(pi/2), cos(pi)
+    np.testing.assert_allclose([constant(60), constant(110)], [0.2, 0.2], rtol=1e-6)
+
+
 def test_weight_decay_leaves_biases_norms_and_embeddings_alone():
     config = dataclasses.replace(CONFIG, weight_decay=0.5, grad_clip=0.0, warmup_steps=0, lr=0.1)
     params = training.create_train_state(config, jax.random.PRNGKey(0)).params
