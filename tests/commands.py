@@ -76,8 +76,14 @@ def run_train(workdir, *flags, check: bool = True) -> subprocess.CompletedProces
 
 def run_sample(workdir, *flags, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """sample.py, in this process; in a process of its own where `env` changes the environment."""
-    run = run_main if env is None else lambda *args, check: run_process(*args, env=env, check=check)
-    return run("sample.py", "--workdir", workdir, *flags, check=check)
+    if env is None:
+        return run_main("sample.py", "--workdir", workdir, *flags, check=check)
+    return run_process("sample.py", "--workdir", workdir, *flags, env=env, check=check)
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` with its modification time: equal snapshots, nothing written."""
+    return {p: p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.is_file()}
 
 
 def summary(result) -> dict:

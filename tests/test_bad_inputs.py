@@ -11,11 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from commands import ROOT, TINY, run_main, run_process, run_train
-
-
-def snapshot(folder):
-    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+from commands import ROOT, TINY, run_main, run_process, run_train, snapshot
 
 
 @pytest.fixture(scope="module")

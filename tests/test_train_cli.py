@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from commands import (ROOT, TINY, assert_bit_identical, params_at, run_main, run_process, run_sample, run_train,
-                      summary)
+                      snapshot, summary)
 from parity import rel_error, without_key_biases
 
 
@@ -61,20 +61,20 @@ def test_resume_under_the_other_driver(uninterrupted, stopped_at_3, tmp_path):
 
 def test_steps_at_or_below_the_checkpoint_train_nothing(uninterrupted):
     workdir, _ = uninterrupted
-    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    before = snapshot(workdir)
     result = run_train(workdir, "--steps", "6")
     assert "already at step 6 >= --steps 6: nothing to train" in result.stderr
-    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
+    assert snapshot(workdir) == before
 
 
 def test_incompatible_resume_names_the_fields_and_changes_nothing(uninterrupted):
     workdir, _ = uninterrupted
-    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    before = snapshot(workdir)
     result = run_train(workdir, "--steps", "9", "--base-channels", "12", "--seed", "4", check=False)
     assert result.returncode == 2
     assert "model.base_channels (8 -> 12)" in result.stderr and "seed (0 -> 4)" in result.stderr
     assert "Traceback" not in result.stderr
-    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()} == before
+    assert snapshot(workdir) == before
 
 
 def test_no_resume_refuses_a_workdir_with_checkpoints(uninterrupted):
