@@ -10,7 +10,9 @@ is resumed from its latest one, with the config saved there as the defaults (unl
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import errno
 import json
 import os
 import signal
@@ -25,7 +27,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from unet_flax import input_pipeline, training
-from unet_flax.checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields, saved_config
+from unet_flax.checkpoint import Checkpoints, SaveError, abstract_checkpoint, incompatible_fields, saved_config
 from unet_flax.cli import UsageError, build_parser, config_from_args, run_command, use_xla_cpu_convolutions
 from unet_flax.train_config import PRESETS, TrainConfig
 from unet_flax.sampling import rows_per_class, sample_images
@@ -68,6 +70,16 @@ class MetricsLog:
         if enabled:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self._end_partial_line()
+
+    def _end_partial_line(self) -> None:
+        """A run killed mid-write (or a full disk) can leave a partial last line: end it, so the next
+        row starts a line of its own (history() skips the partial one)."""
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -80,7 +92,16 @@ class MetricsLog:
     def history(self) -> tuple[list[int], list[float]]:
         if not self.path.exists():
             return [], []
-        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                row = None
+                print(f"warning: {self.path} line {number} is not a whole JSON row (an interrupted write?); "
+                      f"skipped", file=sys.stderr)
+            if isinstance(row, dict) and "step" in row and "loss" in row:
+                rows.append(row)
         latest = {row["step"]: row["loss"] for row in rows}  # a resumed run may rewrite a step
         steps = sorted(latest)
         return steps, [latest[s] for s in steps]
@@ -178,10 +199,17 @@ class DeviceFeed:
             close()
 
 
-def start_distributed(config: TrainConfig) -> None:
-    # Collectives between CPU processes need gloo; GPU and TPU bring their own.
+def start_distributed(args) -> None:
+    """Join the job, before anything asks JAX which process this is (reading a saved config does)."""
+    given = vars(args)
+    try:
+        jax.distributed.initialize(given.get("coordinator_address"), given.get("num_processes"),
+                                   given.get("process_id"))
+    except ValueError as error:  # nothing given and no cluster (SLURM, Open MPI, Cloud TPU) in the environment
+        raise UsageError(f"--distributed: {error} JAX found no cluster to read it from: pass --coordinator-address "
+                         f"HOST:PORT --num-processes N --process-id I") from None
+    # Collectives between CPU processes need gloo; GPU and TPU bring their own. Before the backends start.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
 
 
 def prepare_workdir(config: TrainConfig) -> Path:
@@ -195,28 +223,76 @@ def prepare_workdir(config: TrainConfig) -> Path:
     return workdir
 
 
+# Errors that say nothing about the checkpoint's own files: memory, permissions, a full disk, timeouts.
+TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                    errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR, errno.EDQUOT}
+TRANSIENT_MARKERS = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAVAILABLE", "CANCELLED",
+                     "Permission denied", "No space left", "out of memory", "Out of memory")
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether restoring failed on the checkpoint's own files (missing, truncated, inconsistent), rather
+    than on this machine's state at the moment (memory, permissions, disk space, a timeout)."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (MemoryError, TimeoutError, KeyboardInterrupt)):
+            return False
+        if isinstance(seen, OSError) and seen.errno in TRANSIENT_ERRNOS:
+            return False
+        if any(marker in str(seen) for marker in TRANSIENT_MARKERS):
+            return False
+        seen = seen.__cause__ or seen.__context__
+    return True
+
+
+def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstract) -> tuple[str, object]:
+    """('ok', (state, data state)), ('damaged', error) or ('error', error) for one checkpoint."""
+    try:
+        saved_config = checkpoints.read_config(step)
+        differing = incompatible_fields(saved_config, config.to_dict(), trained=step > 0)
+        if differing:
+            raise UsageError(f"cannot resume {config.workdir} (step {step}): the config differs in "
+                             f"{', '.join(differing)}")
+        return "ok", checkpoints.restore(step, abstract)
+    except UsageError:
+        raise
+    except Exception as error:
+        return ("damaged" if is_damage(error) else "error"), error
+
+
+OUTCOMES = ("ok", "damaged", "error")
+
+
+def agreed_outcome(outcome: str) -> str:
+    """Every process's outcome, reduced to one they all act on: any error stops all of them, any
+    damage sets the checkpoint aside for all (process 0 renames it)."""
+    if jax.process_count() == 1:
+        return outcome
+    codes = multihost_utils.process_allgather(np.int32(OUTCOMES.index(outcome)))
+    return OUTCOMES[int(np.max(codes))]
+
+
 def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract) -> tuple[int, dict, dict]:
-    """(step, state, data state) of the newest checkpoint that restores. One that does not is renamed
-    N.damaged, kept, and named in a warning; if none restores, the run stops rather than start over."""
+    """(step, state, data state) of the newest checkpoint that restores. A damaged one (its own files
+    unreadable or inconsistent) is renamed N.damaged, kept, and named in a warning; any other failure
+    (memory, permissions, disk, timeouts) stops the run with nothing renamed; if none restores, the run
+    stops rather than start over."""
     for step in reversed(checkpoints.all_steps()):
-        try:
-            saved_config = checkpoints.read_config(step)
-        except Exception as error:  # unreadable: damaged, whatever the library raised
-            damaged = error
-        else:
-            differing = incompatible_fields(saved_config, config.to_dict(), trained=step > 0)
-            if differing:
-                raise UsageError(f"cannot resume {config.workdir} (step {step}): the config differs in "
-                                 f"{', '.join(differing)}")
-            try:
-                saved, data_state = checkpoints.restore(step, abstract)
-                return step, saved, data_state
-            except Exception as error:
-                damaged = error
+        outcome, result = try_restore(checkpoints, step, config, abstract)
+        agreed = agreed_outcome(outcome)
+        if agreed == "ok":
+            return step, *result
+        if agreed == "error":
+            reason = f"{type(result).__name__}: {str(result).splitlines()[0][:200]}" if outcome == "error" \
+                else "another process failed to read it"
+            raise TrainingError(f"cannot restore checkpoint step {step} ({reason}); nothing was renamed or "
+                                f"changed: fix the cause and run again")
         kept = checkpoints.set_aside(step)
         if jax.process_index() == 0:
-            print(f"warning: checkpoint step {step} is damaged ({type(damaged).__name__}: "
-                  f"{str(damaged).splitlines()[0][:200]}); kept as {kept}, trying the previous one", file=sys.stderr)
+            why = f"{type(result).__name__}: {str(result).splitlines()[0][:200]}" if outcome == "damaged" \
+                else "unreadable in another process"
+            print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one",
+                  file=sys.stderr)
     raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
                         f"as *.damaged); move them away to start afresh")
 
@@ -226,6 +302,11 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: tra
     """(the step resumed from or None, {'train_state', 'rng'}, the data iterator's state or None)."""
     init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     if checkpoints.latest_step() is None:
+        set_aside = sorted(p.name for p in checkpoints.directory.glob("*.damaged*"))
+        if set_aside:  # a run requeued after every checkpoint was set aside must not begin again at step 0
+            raise TrainingError(f"{checkpoints.directory} holds only checkpoints set aside as damaged "
+                                f"({', '.join(set_aside)}); to start afresh, move {checkpoints.directory} away "
+                                f"or use another --workdir")
         return None, {"train_state": training.create_train_state(config, init_key), "rng": step_rng}, None
     if not config.resume:
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
@@ -239,10 +320,10 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: tra
 def train(args) -> dict:
     # Set-up: the config, the devices, the data, the workdir.
     start = time.time()
+    if vars(args).get("distributed"):  # per process: only ever from this command line
+        start_distributed(args)
     resumed = saved_config(vars(args).get("workdir", PRESETS["digits"].workdir)) if args.preset is None else None
     config = config_from_args(args, resumed)
-    if config.distributed:
-        start_distributed(config)
     data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)
     config = resolve_config(args, data, config)
     is_main = jax.process_index() == 0
@@ -299,12 +380,10 @@ def train(args) -> dict:
                 print(f"SIGTERM: saved step {step}, stopping", file=sys.stderr)
                 break
         checkpoints.wait()
-    finally:
-        stop.close()
-        feed.close()
-        progress.close()
-        log.close()
-        checkpoints.close()
+    except BaseException:
+        close_all(stop, feed, progress, log, checkpoints, quietly=True)
+        raise
+    close_all(stop, feed, progress, log, checkpoints)
 
     # Finish: samples and the loss curve.
     summary["step"] = step
@@ -316,6 +395,17 @@ def train(args) -> dict:
     summary["img_per_s"] = None if img_per_s is None else round(img_per_s, 1)
     summary["wall_s"] = round(time.time() - start, 2)
     return summary
+
+
+def close_all(*parts, quietly: bool = False) -> None:
+    """Close each part; `quietly` after an error, so that what went wrong first is what is reported
+    (on a full disk every writer fails again while closing)."""
+    for part in parts:
+        if quietly:
+            with contextlib.suppress(Exception):
+                part.close()
+        else:
+            part.close()
 
 
 def check_finite(config: TrainConfig, metrics: MetricsAccumulator, checkpoints: Checkpoints) -> None:
@@ -337,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", cache)  # a restarted run does not compile again
     # Also the many small programs (placing the state, checkpointing), about 30 ms each to compile.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return run_command(train, args, (TrainingError, input_pipeline.DataError))
+    return run_command(train, args, (TrainingError, SaveError, input_pipeline.DataError))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ in the workdir overwritten or deleted.
 
 The table runs each command's `main(argv)` in this process (commands.run_main); the tests below it
 start real processes, whose tracebacks are what they check."""
+import json
 import subprocess
 import sys
 
@@ -24,6 +25,13 @@ def files(tmp_path_factory):
     np.savez(root / "float.npz", images=np.zeros((4, 8, 8, 1), np.float32))
     np.savez(root / "rank3.npz", images=np.zeros((4, 8, 8), np.uint8))
     np.savez(root / "unlabelled.npz", images=np.zeros((8, 8, 8, 1), np.uint8))
+    (root / "corrupt.json").write_text('{"model": {"in_channels": 1,')
+    for name, channels in (("empty_channels", []), ("zero_channels", [0, 32])):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel",
+                                                             "block_out_channels": channels}))
+    (root / "corrupt_diffusers").mkdir()
+    (root / "corrupt_diffusers" / "config.json").write_text("{'_class_name': 'UNet2DModel'}")
     run_main(CONVERT, "export", "--workdir", trained, "--out", root / "model.pt", check=True)
     state_dict = torch.load(root / "model.pt", weights_only=True)
     missing = dict(state_dict)
@@ -46,12 +54,21 @@ CASES = [
     (T, ["--base-channels", "12", "--num-groups", "8"], 2, "channels (12) must be divisible by num_groups (8)"),
     (T, ["--num-heads", "3"], 2, "channels (8) must be divisible by num_heads (3)"),
     (T, ["--data", "{root}/nowhere"], 1, "data path '{root}/nowhere' does not exist"),
-    (T, ["--data", "{root}/empty"], 1, "{root}/empty holds no PNG or JPEG images"),
+    (T, ["--data", "{root}/empty"], 1, "{root}/empty holds no images (files Pillow reads: .png"),
     (T, ["--data", "{root}/no_images.npz"], 1, "has no 'images' array (found: pictures)"),
     (T, ["--data", "{root}/float.npz"], 1, "'images' must be uint8 NHWC with 1 or 3 channels, got float32"),
     (T, ["--data", "{root}/rank3.npz"], 1, "got uint8 with shape (4, 8, 8)"),
     (T, ["--data", "{root}/unlabelled.npz", "--class-conditional"], 2, "--class-conditional needs labels"),
     (T, ["--workdir", "{root}/model.pt/run"], 1, "cannot create workdir {root}/model.pt/run"),
+    (T, ["--lr", "0"], 2, "lr must be positive, got 0.0"),
+    (T, ["--ema-decay", "1"], 2, "ema_decay must be in [0, 1), got 1.0"),
+    (T, ["--adam-b1", "-0.5"], 2, "adam_b1 must be in [0, 1), got -0.5"),
+    (T, ["--adam-b2", "1.5"], 2, "adam_b2 must be in [0, 1), got 1.5"),
+    (T, ["--min-snr-gamma", "0"], 2, "min_snr_gamma must be positive or None, got 0.0"),
+    (T, ["--weight-decay", "-0.1"], 2, "weight_decay must be >= 0, got -0.1"),
+    (T, ["--grad-clip", "-1"], 2, "grad_clip must be >= 0, got -1.0"),
+    (T, ["--attention-resolutions", "3"], 2, "attention_resolutions 3 matches no level: the levels' feature maps "
+                                             "are 8, 4 wide (image_size 8, 2 levels)"),
     ("sample.py", ["--workdir", "{root}/trained", "--labels", "3,12"], 2, "label 12 out of range"),
     ("sample.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
     ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2, "--num-samples must be positive, got 0"),
@@ -70,6 +87,15 @@ CASES = [
      1, "nowhere.pt"),
     (CONVERT, ["import", "--state-dict", "{root}/model.pt", "--config", "{root}/model.json",
                  "--workdir", "{root}/trained"], 1, "already holds checkpoints"),
+    (CONVERT, ["import", "--state-dict", "{root}/model.pt", "--config", "{root}/corrupt.json", "--workdir", "{w}"],
+     2, "--config {root}/corrupt.json is not valid JSON (Expecting property name enclosed in double quotes at "
+        "line 1, column 29)"),  # just after the 28 characters written
+    (CONVERT, ["import-diffusers", "--model", "{root}/corrupt_diffusers", "--workdir", "{w}"], 2,
+     "diffusers config {root}/corrupt_diffusers/config.json is not valid JSON"),
+    (CONVERT, ["import-diffusers", "--model", "{root}/empty_channels", "--workdir", "{w}"], 2,
+     "block_out_channels = []: must be a non-empty list of positive channel counts"),
+    (CONVERT, ["import-diffusers", "--model", "{root}/zero_channels", "--workdir", "{w}"], 2,
+     "block_out_channels = [0, 32]: must be a non-empty list"),
 ]
 
 
@@ -86,6 +112,16 @@ def test_bad_input(files, tmp_path, script, args, code, message):
     assert "Traceback" not in result.stderr
     assert snapshot(files / "trained") == before
     assert not (tmp_path / "w" / "checkpoints").exists() or script == T  # a refused import creates nothing
+
+
+def test_distributed_without_a_coordinator_or_cluster(tmp_path):
+    """A process of its own: JAX joins a job only before its backends start, which this one's have."""
+    result = run_process("train.py", "--workdir", tmp_path, *TINY, "--distributed")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --distributed: coordinator_address should be defined. JAX found no cluster to read it from: pass "
+        "--coordinator-address HOST:PORT --num-processes N --process-id I"]
+    assert not tmp_path.joinpath("checkpoints").exists()
 
 
 def test_debug_shows_the_traceback(files, tmp_path):

@@ -35,6 +35,23 @@ def test_torch_flax_torch_is_bit_exact(target):
         np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_become_float32_params(target, dtype, tmp_path):
+    """A state_dict saved in half precision, as a .pt or as safetensors: float32 params holding exactly
+    the half-precision values (the optimiser state built from them is float32 too)."""
+    from safetensors.torch import save_file
+
+    from unet_flax.diffusers_format import read_safetensors
+
+    half = {k: v.to(dtype) for k, v in randomize_(ref.UNet(CONFIG), seed=4).state_dict().items()}
+    save_file(half, tmp_path / "half.safetensors")
+    for loaded in (half, read_safetensors(tmp_path / "half.safetensors")):
+        params = torch_to_flax(loaded, target)
+        for key, value in flax_to_torch(params).items():
+            assert value.dtype == np.float32
+            np.testing.assert_array_equal(value, half[key].float().numpy(), err_msg=key)
+
+
 def test_flax_torch_flax_is_bit_exact(target):
     back = torch_to_flax(flax_to_torch(target), target)
     jax.tree_util.tree_map(np.testing.assert_array_equal, back, jax.device_get(target))

@@ -1,4 +1,6 @@
 """Data sources and the grain pipeline: formats, errors naming the file, order, resume, sharding."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -40,8 +42,49 @@ def test_center_crop_keeps_the_middle():
 
 
 def test_a_folder_without_images_is_refused(tmp_path):
-    with pytest.raises(ip.DataError, match="holds no PNG or JPEG images"):
+    (tmp_path / "notes.txt").write_text("not an image")
+    _write(tmp_path / ".hidden.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ip.DataError, match=r"holds no images \(files Pillow reads: .png, .jpg, .webp, .bmp, .tif and "
+                                           r"\d+ more suffixes; hidden files and folders are skipped\)"):
         ip.load(str(tmp_path), 8)
+
+
+def test_every_format_pillow_writes_is_read_and_hidden_entries_are_skipped(tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = {}
+    for suffix in (".png", ".bmp", ".tiff", ".webp", ".gif", ".ppm", ".tga"):
+        pixels[suffix] = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(pixels[suffix]).save(tmp_path / f"x{suffix}",
+                                             **({"lossless": True} if suffix == ".webp" else {}))
+    _write(tmp_path / ".ipynb_checkpoints" / "x-checkpoint.png", np.zeros((8, 8, 3), np.uint8))
+    _write(tmp_path / ".thumbnail.png", np.zeros((8, 8, 3), np.uint8))
+    data = ip.load(str(tmp_path), 8)
+    assert data.class_names is None  # the hidden folder is no class
+    assert sorted(Path(f).suffix for f in data.files) == sorted(pixels)
+    for i, path in enumerate(data.files):
+        expected = pixels[Path(path).suffix]
+        if Path(path).suffix == ".gif":  # a palette of at most 256 colours: close, not exact
+            assert np.abs(data[i]["image"].astype(int) - expected).mean() < 40
+        else:
+            np.testing.assert_array_equal(data[i]["image"], expected)
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
+    values = np.array([[0, 257, 32896, 65535]], np.uint16).repeat(4, axis=0)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    data = ip.load(str(tmp_path), 4)
+    assert data.channels == 1
+    np.testing.assert_array_equal(data[0]["image"][0, :, 0], [0, 1, 128, 255])
+
+
+def test_the_colour_mode_comes_from_every_file_header(tmp_path):
+    """One colour image among 40 grey ones, where a sample of 16 files would miss it."""
+    for i in range(40):
+        _write(tmp_path / f"grey{i:02d}.png", np.full((4, 4), i, np.uint8))
+    _write(tmp_path / "grey07b.png", np.zeros((4, 4, 3), np.uint8))
+    assert ip.load(str(tmp_path), 4).channels == 3
+    (tmp_path / "grey07b.png").unlink()
+    assert ip.load(str(tmp_path), 4).channels == 1
 
 
 def test_grey_and_colour_images_mix_as_colour(tmp_path):
@@ -104,6 +147,22 @@ def test_cifar10_batches_folder(tmp_path):
             pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [i % 10] * 4}, f)
     data = ip.load(str(tmp_path), 32)
     assert data.images.shape == (20, 32, 32, 3) and data.labels.tolist()[:4] == [1, 1, 1, 1]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_cifar10_batch_that_would_run_code_is_refused(tmp_path, capsys):
+    import pickle
+    for i in range(1, 6):
+        with open(tmp_path / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0], b"x": _RunsCode()}, f)
+    with pytest.raises(ip.DataError, match=r"cannot read CIFAR-10 batch .*data_batch_1: builtins.print is not part "
+                                           r"of a CIFAR-10 batch; refused"):
+        ip.load(str(tmp_path), 32)
+    assert "this ran" not in capsys.readouterr().out
 
 
 def _take(dataset, count):

@@ -45,19 +45,33 @@ def stop_with_sigterm(procs: list[subprocess.Popen], signalled: tuple[int, ...],
     return steps.pop()
 
 
-@pytest.mark.parametrize("driver,signalled,apart_s", [("pmap", (1,), 0.0), ("jit", (0, 1), 0.5)],
-                         ids=["pmap, one process signalled", "jit, both signalled apart"])
-def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driver, signalled, apart_s):
+def resume_in_two_processes(workdir, steps: int, driver: str) -> dict:
+    """The run continued by two processes from its workdir alone (no --preset: the saved config)."""
+    procs = start_processes(workdir, 2, "--steps", steps, "--parallel", driver)
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    return json.loads(outputs[0][0].strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("driver,signalled,apart_s,resume_processes", [
+    ("pmap", (1,), 0.0, 1), ("jit", (0, 1), 0.5, 2)],
+    ids=["pmap, one process signalled, resumed by one", "jit, both signalled apart, resumed by two"])
+def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driver, signalled, apart_s,
+                                                                  resume_processes):
     """2 processes x 2 CPU devices (gloo): whichever of them get SIGTERM, both save the same step and
-    exit 0 within 60 s; resumed for two more steps, the run equals 1 process x 4 devices that ran
-    all of them without a stop."""
+    exit 0 within 60 s; resumed for two more steps (by one process, or by two from the workdir's saved
+    config), the run equals 1 process x 4 devices that ran all of them without a stop."""
     workdir = tmp_path / "two_processes"
     procs = start_processes(workdir, 2, *UNTIL_STOPPED, "--parallel", driver)
     wait_for(workdir / "metrics.jsonl", procs)
     stopped = stop_with_sigterm(procs, signalled, apart_s)
     assert (workdir / "checkpoints" / str(stopped)).is_dir()
 
-    resumed = summary(run_train(workdir, "--steps", str(stopped + 2)))
+    if resume_processes == 2:
+        resumed = resume_in_two_processes(workdir, stopped + 2, driver)
+    else:
+        resumed = summary(run_train(workdir, "--steps", str(stopped + 2)))
     assert resumed["resumed_from"] == stopped and resumed["step"] == stopped + 2
     one_process = tmp_path / "one_process"
     run_train(one_process, "--steps", str(stopped + 2))

@@ -1,5 +1,6 @@
 """Damaged checkpoints: resume falls back to the newest good one with a warning naming the damaged
 one, keeps it (renamed N.damaged), and never starts from scratch silently."""
+import errno
 import json
 import shutil
 import signal
@@ -9,9 +10,12 @@ import time
 import grain
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train, summary
+from unet_flax.checkpoint import Checkpoints
+
+from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train, snapshot, summary
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,37 @@ def test_all_checkpoints_damaged_stops_and_keeps_them(trained, tmp_path):
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if "damaged" in p.name) == \
         ["1.damaged", "2.damaged", "3.damaged", "4.damaged"]
+
+    # Requeued as a preempted job would be: it must not begin again from step 0 over the kept ones.
+    before = snapshot(workdir)
+    again = run_train(workdir, "--steps", "6", check=False)
+    assert again.returncode == 1 and "holds only checkpoints set aside as damaged" in again.stderr
+    assert "to start afresh, move" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert snapshot(workdir) == before
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("out of host memory"),
+    PermissionError(errno.EACCES, "Permission denied", "checkpoints/4/state/manifest.ocdbt"),
+    OSError(errno.ENOSPC, "No space left on device"),
+    ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB"),
+    TimeoutError("Barrier timed out"),
+], ids=["MemoryError", "PermissionError", "ENOSPC", "device out of memory", "timeout"])
+def test_a_failure_that_is_not_damage_stops_and_renames_nothing(trained, tmp_path, monkeypatch, error):
+    """Restoring fails for a reason outside the checkpoint's files: one line, exit 1, nothing renamed."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained, workdir)
+    before = snapshot(workdir)
+
+    def failing_restore(self, step, abstract):
+        raise error
+    monkeypatch.setattr(Checkpoints, "restore", failing_restore)
+    result = run_train(workdir, "--steps", "6", check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot restore checkpoint step 4 ({type(error).__name__}: {str(error).splitlines()[0]}); nothing "
+        f"was renamed or changed: fix the cause and run again"]
+    assert snapshot(workdir) == before
 
 
 def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
@@ -151,3 +186,38 @@ def test_an_unreadable_image_mid_run_stops_in_one_line_and_can_be_skipped(tmp_pa
     assert resumed["resumed_from"] == max(saved) and resumed["step"] == 12
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["bad_images_total"] >= 1
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_checkpoints_before(tmp_path, monkeypatch):
+    """The write of step 4 fails as orbax reports a full disk (the message of a real one): the run ends
+    with exit 1 and one line naming the folder, and step 2 restores."""
+    real_save = ocp.CheckpointManager.save
+
+    def save_until_full(self, step, *args, **kwargs):
+        if step >= 4:
+            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{self.directory}/{step}.orbax-'
+                             f'checkpoint-tmp/state/_sharding": Failed to write 139898 bytes to file 7: No space '
+                             f"left on device [os_error_code='28']")
+        return real_save(self, step, *args, **kwargs)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_full)
+    result = run_train(tmp_path, "--steps", "6", "--save-every", "2", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: writing a checkpoint in {tmp_path}/checkpoints failed (No space left on device); the complete "
+        f"ones are intact (steps: 2)")
+    assert "Traceback" not in result.stderr
+    assert int(params_at(tmp_path, 2)["step"]) == 2
+
+
+def test_a_partial_metrics_line_is_skipped_and_the_next_rows_start_their_own(trained, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained, workdir)
+    metrics = workdir / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 5, "loss": 0.')  # killed mid-write
+    result = run_train(workdir, "--steps", "6")
+    assert f"warning: {metrics} line" in result.stderr and "skipped" in result.stderr
+    lines = metrics.read_text().splitlines()
+    partial = lines.index('{"step": 5, "loss": 0.')
+    rows = [json.loads(line) for line in lines[:partial] + lines[partial + 1:]]
+    assert rows[-1]["step"] == 6 and (workdir / "loss.png").is_file()

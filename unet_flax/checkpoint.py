@@ -6,6 +6,8 @@ write is complete, so an interrupted save leaves the previous checkpoint as the 
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,10 @@ class Checkpoints:
         if read_only:  # orbax warns of each option that read-only mode turns off: nothing to act on
             absl_logger.setLevel(logging.ERROR)
         try:
+            # cleanup_tmp_directories: the partial writes of a run killed mid-save, removed at start.
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
-                                                   enable_async_checkpointing=not read_only)
+                                                   enable_async_checkpointing=not read_only,
+                                                   cleanup_tmp_directories=not read_only)
             self.manager = ocp.CheckpointManager(self.directory, options=options,
                                                  item_names=("state", "data", "config"))
         finally:
@@ -43,9 +47,11 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, config: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            config=ocp.args.JsonSave(config)), force=True)
+        """Starts writing `step` in the background; a failed earlier write surfaces here or in wait()."""
+        with self._writing():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(config)), force=True)
 
     def read_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -74,10 +80,53 @@ class Checkpoints:
         return target
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._writing():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with self._writing():
+            self.manager.close()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A write the file system refused (disk full, quota, read-only, permissions) as a SaveError
+        naming the folder; orbax writes each step into a temporary folder first, so the checkpoints
+        before it are intact. Anything else keeps its traceback."""
+        try:
+            yield
+        except Exception as error:
+            reason = file_system_error(error)
+            if reason is None:
+                raise
+            # Writes run in the background: the error may be an earlier step's, surfacing now, and
+            # others may still be finishing.
+            with contextlib.suppress(Exception):
+                self.manager.wait_until_finished()
+            complete = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            raise SaveError(f"writing a checkpoint in {self.directory} failed ({reason}); the complete ones are "
+                            f"intact (steps: {', '.join(map(str, complete)) or 'none'})") from error
+
+
+class SaveError(RuntimeError):
+    """The file system refused a checkpoint write: the run stops, exit code 1."""
+
+
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+FILE_SYSTEM_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                        "Permission denied", "File too large")
+
+
+def file_system_error(error: BaseException) -> str | None:
+    """What the file system said, where `error` (or one it was raised from) is a refused write."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FILE_SYSTEM_ERRNOS:
+            return f"{seen.strerror}: {seen.filename}" if seen.filename else seen.strerror
+        found = next((message for message in FILE_SYSTEM_MESSAGES if message in str(seen)), None)
+        if found:
+            return found
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def saved_config(workdir: str | Path) -> dict | None:

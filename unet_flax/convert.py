@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .diffusers_format import from_diffusers, to_diffusers
+from .diffusers_format import float32_array, from_diffusers, to_diffusers
 from .train_config import PRESETS, TrainConfig
-from .unet_config import ConfigError, ConversionError, UNetConfig
+from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
 
 # nn.Embedding weights are (num_embeddings, dim) on both sides: the one 2-D weight not transposed.
 EMBEDDING_MODULES = frozenset({"label_embedding"})
@@ -28,12 +28,6 @@ _LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
 _SEQUENTIAL_LAYER = re.compile(r"^layers_(\d+)$")
 
 Params = dict[str, Any]
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
 
 
 def torch_key_to_flax_path(key: str) -> tuple[str, ...]:
@@ -125,7 +119,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], target: Mapping[str, Any] | Non
     """
     flat = {}
     for key, value in state_dict.items():
-        array = _to_numpy(value)
+        array = float32_array(value)
         *path, _ = torch_key_to_flax_path(key)
         leaf, converted = _flax_leaf(key, path[-1] if path else "", array)
         flat[(*path, leaf)] = np.ascontiguousarray(converted)
@@ -140,7 +134,7 @@ def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     Load it with `reference.load_numpy_state_dict(module, arrays)` (a strict load_state_dict).
     """
     return {
-        flax_path_to_torch_key(path): np.ascontiguousarray(_torch_leaf(path, _to_numpy(value)))
+        flax_path_to_torch_key(path): np.ascontiguousarray(_torch_leaf(path, float32_array(value)))
         for path, value in _flatten(_unwrap(params)).items()
     }
 
@@ -195,13 +189,12 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
 
     The config is the JSON `export` writes (a whole training config), or a bare UNetConfig, which
     takes the digits preset's training settings."""
-    import json
 
     import torch
 
     from .training import param_shapes
 
-    fields = json.loads(Path(config_path).read_text())
+    fields = read_json(config_path, "--config")
     config = TrainConfig.from_dict(fields) if "model" in fields else dataclasses.replace(
         PRESETS["digits"], model=UNetConfig.from_dict(fields))
     config = dataclasses.replace(config, workdir=workdir)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .unet_config import ConfigError, ConversionError, UNetConfig
+from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -80,7 +80,10 @@ def unet_config_from_diffusers(fields: Mapping[str, Any]) -> UNetConfig:
     for name, allowed in FIXED.items():
         if c[name] not in allowed:
             raise ConfigError(f"{name} = {c[name]!r} cannot be expressed: unet_flax supports {allowed}")
-    channels = list(c["block_out_channels"])
+    channels = list(c["block_out_channels"]) if isinstance(c["block_out_channels"], (list, tuple)) else []
+    if not channels or not all(isinstance(ch, int) and ch > 0 for ch in channels):
+        raise ConfigError(f"block_out_channels = {c['block_out_channels']!r}: must be a non-empty list of "
+                          f"positive channel counts")
     base, levels = channels[0], len(channels)
     if c["time_embedding_dim"] not in (None, 4 * base):
         raise ConfigError(f"time_embedding_dim = {c['time_embedding_dim']} cannot be expressed: unet_flax's "
@@ -313,7 +316,7 @@ def params_from_diffusers(config: UNetConfig, state_dict: Mapping[str, Any],
     jax.eval_shape) a wrongly shaped one raises ConversionError naming the diffusers key."""
     from .convert import _flatten, _unwrap  # convert imports this module
 
-    arrays = rename_legacy_keys({key: _float32(value) for key, value in state_dict.items()})
+    arrays = rename_legacy_keys({key: float32_array(value) for key, value in state_dict.items()})
     flat_expected = _flatten(_unwrap(expected)) if expected is not None else None
     params: Params = {}
     for module, path, kind in module_pairs(config):
@@ -353,8 +356,10 @@ def params_to_diffusers(config: UNetConfig, params: Mapping[str, Any]) -> dict[s
     return state_dict
 
 
-def _float32(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
+def float32_array(value: Any) -> np.ndarray:
+    """A weight as float32 numpy, whatever it was stored as (float16 and bfloat16 included: the params
+    and the optimiser state are float32; `dtype` only sets the computation)."""
+    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch; numpy has no bfloat16
         value = value.detach().float().cpu().numpy()
     return np.asarray(value, np.float32)
 
@@ -365,22 +370,23 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
     """The weights of a save_pretrained folder: safetensors (one file, or shards and their index), or
     the .bin of older diffusers through torch.load(weights_only=True)."""
     if (folder / SAFETENSORS_NAME).exists():
-        return _read_safetensors(folder / SAFETENSORS_NAME)
+        return read_safetensors(folder / SAFETENSORS_NAME)
     if (folder / INDEX_NAME).exists():
         shards = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
-        return {key: value for shard in shards for key, value in _read_safetensors(folder / shard).items()}
+        return {key: value for shard in shards for key, value in read_safetensors(folder / shard).items()}
     if (folder / BIN_NAME).exists():
         import torch
 
-        return {key: _float32(value)
+        return {key: float32_array(value)
                 for key, value in torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True).items()}
     raise FileNotFoundError(f"{folder} has none of {SAFETENSORS_NAME}, {INDEX_NAME}, {BIN_NAME}")
 
 
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    # Through JAX's arrays: numpy alone has no bfloat16.
+    from safetensors.flax import load_file
 
-    return {key: _float32(value) for key, value in load_file(path).items()}
+    return {key: float32_array(value) for key, value in load_file(path).items()}
 
 
 def from_diffusers(folder: str | Path) -> tuple[UNetConfig, Params]:
@@ -391,7 +397,7 @@ def from_diffusers(folder: str | Path) -> tuple[UNetConfig, Params]:
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder / CONFIG_NAME} does not exist: {folder} is not a folder that "
                                 f"UNet2DModel.save_pretrained wrote")
-    config = unet_config_from_diffusers(json.loads((folder / CONFIG_NAME).read_text()))
+    config = unet_config_from_diffusers(read_json(folder / CONFIG_NAME, "diffusers config"))
     expected = param_shapes(config)
     return config, params_from_diffusers(config, read_state_dict(folder), expected)
 

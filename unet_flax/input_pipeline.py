@@ -15,6 +15,7 @@ devices scale them.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -31,7 +32,14 @@ import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Every file Pillow opens by itself: its formats' suffixes, less the stubs that need a plug-in or a
+# program Pillow does not ship (HDF5, GRIB, BUFR, PostScript, Windows metafiles) and video.
+STUB_SUFFIXES = {".h5", ".hdf", ".grib", ".bufr", ".eps", ".ps", ".emf", ".wmf", ".mpeg", ".mpg"}
+IMAGE_SUFFIXES = {suffix for suffix, image_format in Image.registered_extensions().items()
+                  if image_format in Image.OPEN} - STUB_SUFFIXES
+# Modes with one channel: decoded as grey. 16- and 32-bit integer grey is scaled from 0..65535.
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 RECORDS_INFO = "unet_flax_records.json"  # marks a folder written by `pack`
 Example = dict[str, np.ndarray]
 
@@ -98,7 +106,7 @@ class ImageFolder(_Classes):
     class_names: tuple[str, ...] | None
     source: str
     image_size: int
-    mode: str  # "L" or "RGB": every image is converted to the first one's
+    mode: str  # "L" or "RGB" (colour if any image is): every image is converted to it
     skip_bad: bool = False
     in_memory = False
 
@@ -228,7 +236,7 @@ def _cifar10(folder: Path, image_size: int) -> ImageData:
         path = folder / f"data_batch_{i}"
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+                batch = _CifarUnpickler(f, encoding="bytes").load()
             images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch[b"labels"], np.int32))
         except Exception as error:
@@ -236,16 +244,35 @@ def _cifar10(folder: Path, image_size: int) -> ImageData:
     names = tuple(str(i) for i in range(10))
     meta = folder / "batches.meta"
     if meta.exists():
-        with open(meta, "rb") as f:
-            names = tuple(n.decode() for n in pickle.load(f, encoding="bytes")[b"label_names"])
+        try:
+            with open(meta, "rb") as f:
+                names = tuple(n.decode() for n in _CifarUnpickler(f, encoding="bytes").load()[b"label_names"])
+        except Exception as error:
+            raise DataError(f"cannot read CIFAR-10 labels {meta}: {error}") from None
     return ImageData(_resize(np.concatenate(images), image_size), np.concatenate(labels), names, str(folder))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """The CIFAR-10 batches' pickles hold dicts, lists, bytes and numpy arrays: nothing else may be
+    loaded, so a file that names any other callable (code to run) is refused instead of run."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR-10 batch; refused")
+        return super().find_class(module, name)
+
+
 def _image_folder(folder: Path, image_size: int, skip_bad: bool) -> ImageFolder:
-    """Lists the files (labels from sub-folder names) and reads the first, for the channel count."""
-    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Lists the images (labels from sub-folder names; hidden files and folders left out) and reads
+    each one's header for the channel count: colour if any is."""
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.is_file())
     if not files:
-        raise DataError(f"data folder {folder} holds no PNG or JPEG images")
+        raise DataError(f"data folder {folder} holds no images (files Pillow reads: .png, .jpg, .webp, .bmp, .tif "
+                        f"and {len(IMAGE_SUFFIXES) - 5} more suffixes; hidden files and folders are skipped)")
     parents = [os.path.relpath(os.path.dirname(f), folder) for f in files]
     class_names = tuple(sorted(set(parents)))
     labels, names = None, None
@@ -253,19 +280,24 @@ def _image_folder(folder: Path, image_size: int, skip_bad: bool) -> ImageFolder:
         names = class_names
         index = {name: i for i, name in enumerate(names)}
         labels = np.asarray([index[p] for p in parents], np.int32)
-    # Colour if any of up to 16 files spread over the folder is: a grey first file decides nothing alone.
-    # An unreadable one among them is left to fail (or be skipped) when training reads it.
-    modes, error = set(), None
-    for path in files[::max(1, len(files) // 16)]:
-        try:
-            with _opened(path) as image:
-                modes.add("L" if image.mode in ("L", "LA", "I", "I;16", "1") else "RGB")
-        except DataError as unreadable:
-            error = error or unreadable
+    # Headers only, on a few threads (the files may sit on a network file system). An unreadable one
+    # is left to fail (or be skipped) when training reads it.
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        modes = set(pool.map(_header_mode, files, chunksize=64)) - {None}
     if not modes:
-        raise error
-    return ImageFolder(tuple(files), labels, names, str(folder), image_size, "RGB" if "RGB" in modes else "L",
-                       skip_bad)
+        with _opened(files[0]):  # none readable: say why, naming the first
+            pass
+    return ImageFolder(tuple(files), labels, names, str(folder), image_size,
+                       "L" if modes <= GREY_MODES else "RGB", skip_bad)
+
+
+def _header_mode(path: str) -> str | None:
+    """The image's mode from its header (no pixels decoded), None where it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.mode
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
 
 
 class _opened:
@@ -289,8 +321,17 @@ class _opened:
 def decode_image(path: str, image_size: int, mode: str) -> np.ndarray:
     """uint8 (image_size, image_size, channels): converted to `mode`, resized and centre-cropped."""
     with _opened(path) as image:
-        array = _resize_center_crop(image.convert(mode), image_size)
+        array = _resize_center_crop(_eight_bit(image).convert(mode), image_size)
     return array[..., None] if array.ndim == 2 else array
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey scaled to 8 bits (Pillow's own conversion clips it at 255); float grey read as [0, 1]."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) / 257.0), 0, 255).astype(np.uint8))
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.round(np.asarray(image, np.float64) * 255.0), 0, 255).astype(np.uint8))
+    return image
 
 
 def _packed_records(folder: Path, image_size: int) -> PackedRecords:

@@ -5,6 +5,7 @@ math. Parameters are float32; `dtype` sets the computation dtype (bfloat16 for m
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -23,11 +24,7 @@ GROUP_NORM_EPSILON = 1e-5  # torch.nn.GroupNorm's default; flax's is 1e-6
 class GroupNorm(nn.Module):
     """torch.nn.GroupNorm on NHWC: eps 1e-5, float32 statistics, params `scale` and `bias`.
 
-    Statistics are taken around one sample of each group: activations that sit far from zero
-    relative to their spread (mean 5, std 1e-3) otherwise lose the mean to float32 rounding,
-    an error that 1/std then amplifies (2e-4 relative for flax.linen.GroupNorm, 1e-4 for torch's
-    own float32, 1e-7 with the shift, all against float64). The shift cancels exactly in
-    x - mean, so it changes neither the result nor the gradient.
+    The arithmetic is `group_normalize`'s, which has its own backward pass.
     """
 
     num_groups: int = 32
@@ -40,12 +37,70 @@ class GroupNorm(nn.Module):
         check_divisible(channels, self.num_groups, "num_groups")
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        groups = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
-        groups = groups - jax.lax.stop_gradient(groups[:, :1, :, :1])
-        centred = groups - groups.mean(axis=(1, 3), keepdims=True)
-        variance = jnp.square(centred).mean(axis=(1, 3), keepdims=True)
-        normalized = (centred * jax.lax.rsqrt(variance + self.epsilon)).reshape(x.shape)
-        return (normalized * scale + bias).astype(self.dtype)
+        return group_normalize(x, scale, bias, self.num_groups, self.epsilon, jnp.dtype(self.dtype))
+
+
+def _shifted_groups(x: Array, num_groups: int) -> Array:
+    """x as float32 groups (B, H*W, G, C/G), each shifted by one of its own samples.
+
+    The shift makes the one-pass variance E[d^2] - E[d]^2 exact where it would otherwise cancel:
+    activations far from zero relative to their spread (mean 5, std 1e-3) lose the variance to
+    float32 rounding in E[x^2] - E[x]^2, and even a two-pass mean loses ~1e-4 (torch's own float32),
+    while the deviations from one sample are of the order of the spread (1e-7 against float64).
+    The shift cancels exactly in d - mean, so it changes neither the result nor the gradient.
+    """
+    groups = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+    return groups - groups[:, :1, :, :1]
+
+
+def _group_statistics(shifted: Array, epsilon: float) -> tuple[Array, Array]:
+    """Each group's mean and 1/sqrt(variance + eps), from one pass over the shifted groups."""
+    # Two sums XLA fuses into one pass (as one variadic reduction, it writes the float32 groups out).
+    mean = shifted.mean(axis=(1, 3), keepdims=True)
+    variance = jnp.maximum(jnp.square(shifted).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
+    return mean, jax.lax.rsqrt(variance + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_normalize(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float, dtype: Dtype) -> Array:
+    """GroupNorm of NHWC `x` (statistics and arithmetic in float32) with per-channel scale and bias,
+    returned in `dtype`.
+
+    Its backward pass is written out (the textbook GroupNorm gradient) and keeps only x and two
+    numbers per group for it: differentiated op by op, the float32 normalised activations and
+    several intermediates of every GroupNorm were kept for the backward pass and read back,
+    the largest memory traffic of a bfloat16 train step on a GPU (docs/benchmarks.md). As with
+    any jax.custom_vjp, reverse mode (grad, vjp) is defined and forward mode (jvp, jacfwd) is not.
+    """
+    return _group_normalize_forward(x, scale, bias, num_groups, epsilon, dtype)[0]
+
+
+def _group_normalize_forward(x, scale, bias, num_groups, epsilon, dtype):
+    shifted = _shifted_groups(x, num_groups)
+    mean, inverse_std = _group_statistics(shifted, epsilon)
+    normalized = ((shifted - mean) * inverse_std).reshape(x.shape)
+    return (normalized * scale + bias).astype(dtype), (x, scale, mean, inverse_std)
+
+
+def _group_normalize_backward(num_groups, epsilon, dtype, residuals, grad):
+    x, scale, mean, inverse_std = residuals
+    normalized = (_shifted_groups(x, num_groups) - mean) * inverse_std
+    grad = grad.astype(jnp.float32).reshape(normalized.shape)
+    # One pass over the activations: per (sample, channel) sums, from which the scale's, the bias's and
+    # the group means the input's gradient needs all follow. One variadic reduction: as two sums, XLA
+    # computes one and writes the other's float32 operand out for a second kernel.
+    grad_sum, grad_normalized_sum = jax.lax.reduce(  # (B, G, C/G)
+        (grad, grad * normalized), (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
+    group_scale = scale.reshape(num_groups, -1)
+    count = normalized.shape[1] * normalized.shape[3]
+    mean_grad = (grad_sum * group_scale).sum(axis=-1)[:, None, :, None] / count
+    mean_grad_normalized = (grad_normalized_sum * group_scale).sum(axis=-1)[:, None, :, None] / count
+    grad_x = inverse_std * (grad * group_scale - mean_grad - normalized * mean_grad_normalized)
+    return (grad_x.reshape(x.shape).astype(x.dtype), grad_normalized_sum.sum(axis=0).reshape(scale.shape),
+            grad_sum.sum(axis=0).reshape(scale.shape))
+
+
+group_normalize.defvjp(_group_normalize_forward, _group_normalize_backward)
 
 
 def group_norm(num_groups: int, epsilon: float, dtype: Dtype, name: str | None = None) -> GroupNorm:

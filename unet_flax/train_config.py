@@ -74,8 +74,16 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if hasattr(self, name) and getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ConfigError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        for name in ("label_dropout", "ema_decay", "adam_b1", "adam_b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        for name in ("weight_decay", "grad_clip", "adam_eps"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ConfigError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
         if self.model.out_channels != self.model.in_channels:
             raise ConfigError(f"model out_channels {self.model.out_channels} differs from in_channels "
                               f"{self.model.in_channels}: diffusion predicts noise shaped like its input")

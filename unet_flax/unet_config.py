@@ -5,6 +5,8 @@ Kept free of JAX and PyTorch imports so that either side, and the checkpoint cod
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -117,6 +119,12 @@ class UNetConfig:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by 2**(levels-1) = {self.downsample_factor}"
             )
+        sizes = [self.image_size // 2**level for level in range(self.num_levels)]
+        for resolution in self.attention_resolutions:
+            if resolution not in sizes:
+                raise ConfigError(f"attention_resolutions {resolution} matches no level: the levels' feature maps "
+                                  f"are {', '.join(map(str, sizes))} wide (image_size {self.image_size}, "
+                                  f"{self.num_levels} levels)")
         for mult in sorted(set(self.channel_mults)):
             check_divisible(self.base_channels * mult, self.num_groups, "num_groups")
         for channels in sorted(self.attention_channels()):
@@ -223,3 +231,18 @@ def timestep_frequencies(dim: int, shift: float = 0.0, max_period: float = 10000
     exponent = np.float32(-np.log(max_period)) * np.arange(half, dtype=np.float32)
     exponent = exponent / np.float32(half - shift)
     return np.exp(exponent.astype(np.float64)).astype(np.float32)
+
+
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file, or a ConfigError naming the file and where it stops being JSON."""
+    try:
+        fields = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{what} {path} is not valid JSON ({error.msg} at line {error.lineno}, "
+                          f"column {error.colno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{what} {path} holds a JSON {type(fields).__name__}, not an object of fields")
+    return fields
+

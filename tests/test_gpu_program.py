@@ -1,0 +1,57 @@
+"""The bf16 train step as XLA compiles it for an H100, on a machine without one (benchmarks/h100_aot.py):
+attention in cuDNN's fused kernels, no layout changes or float32 feature maps, the scratch memory it
+needs. Skipped unless the CUDA plugin is installed (`pip install 'jax[cuda12]==<jax's version>'`)."""
+import dataclasses
+import sys
+
+import jax
+import pytest
+
+from commands import ROOT
+
+pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12]'")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import h100_aot  # noqa: E402
+
+BATCH = 16
+# Attention at both levels, heads of 16 and 32 channels (sizes cuDNN takes); dropout on. Small, as the
+# compilation for a GPU on a CPU takes about a minute for its ~1,000 kernels.
+MODEL = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(16, 8),
+             num_heads=2, num_groups=8, image_size=16, dropout=0.1)
+ATTENTION_BLOCKS = 3 + 3 + 1  # per level 1 encoder and 2 decoder blocks; the middle
+# XLA's scratch memory for this step (jax 0.12.0.1): 20.6 MB with GroupNorm's written-out backward
+# pass, 24.8 MB when JAX differentiated GroupNorm op by op (float32 intermediates kept for the backward).
+TEMP_BYTES_BOUND = 22.5e6
+
+
+@pytest.fixture(scope="module")
+def report():
+    config = h100_aot.bf16_config("cifar10", BATCH, "cudnn")
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **MODEL))
+    with jax.default_matmul_precision("default"):
+        compiled = h100_aot.lower_train_step(config, h100_aot.gpu_device("H100")).compile()
+    return h100_aot.program_report(compiled, BATCH)
+
+
+def test_attention_is_cudnn_fused_forward_and_backward(report):
+    assert report["attention"] == {"cudnn_fmha_forward": ATTENTION_BLOCKS, "cudnn_fmha_backward": ATTENTION_BLOCKS,
+                                   "xla_softmax_fusions": 0}
+
+
+def test_no_layout_changes_and_no_float32_feature_maps(report):
+    convolutions = sum(report["custom_calls"].get(kind, 0) for kind in h100_aot.CONVOLUTION_CALLS)
+    assert convolutions >= 3 * 9  # forward, input and filter gradients of each 3x3 conv, in cuDNN
+    assert report["layout_changes_around_convolutions"] == []
+    assert report["layout_changes_on_activations"] == []
+    # Float32 (B, H, W, C) arrays: only the images' own, in the loss (C = 3). Before GroupNorm had its own
+    # backward pass, 23 float32 feature maps of 32 to 128 channels were written per step.
+    feature_maps = {shape: n for shape, n in report["float32_activations"].items()
+                    if h100_aot.dims(shape)[1] == h100_aot.dims(shape)[2] and h100_aot.dims(shape)[3] != 3}
+    assert feature_maps == {}
+    # What is left is GroupNorm's float32 groups (B, H*W, G, C/G) where XLA writes them out between
+    # kernels rather than recompute them: 23 arrays, 59 before.
+    assert sum(report["float32_activations"].values()) <= 30, report["float32_activations"]
+
+
+def test_scratch_memory_within_bound(report):
+    assert report["memory_bytes"]["temp"] <= TEMP_BYTES_BOUND, report["memory_bytes"]
