@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import signal
@@ -27,7 +26,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from unet_flax import input_pipeline, training
-from unet_flax.checkpoint import Checkpoints, SaveError, abstract_checkpoint, incompatible_fields, saved_config
+from unet_flax.checkpoint import (Checkpoints, SaveError, abstract_checkpoint, incompatible_fields, is_damage,
+                                  saved_config)
 from unet_flax.cli import UsageError, build_parser, config_from_args, run_command, use_xla_cpu_convolutions
 from unet_flax.train_config import PRESETS, TrainConfig
 from unet_flax.sampling import rows_per_class, sample_images
@@ -221,28 +221,6 @@ def prepare_workdir(config: TrainConfig) -> Path:
     if not os.access(workdir, os.W_OK):
         raise TrainingError(f"workdir {workdir} is not writable")
     return workdir
-
-
-# Errors that say nothing about the checkpoint's own files: memory, permissions, a full disk, timeouts.
-TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
-                    errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR, errno.EDQUOT}
-TRANSIENT_MARKERS = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "PERMISSION_DENIED", "UNAVAILABLE", "CANCELLED",
-                     "Permission denied", "No space left", "out of memory", "Out of memory")
-
-
-def is_damage(error: BaseException) -> bool:
-    """Whether restoring failed on the checkpoint's own files (missing, truncated, inconsistent), rather
-    than on this machine's state at the moment (memory, permissions, disk space, a timeout)."""
-    seen = error
-    while seen is not None:
-        if isinstance(seen, (MemoryError, TimeoutError, KeyboardInterrupt)):
-            return False
-        if isinstance(seen, OSError) and seen.errno in TRANSIENT_ERRNOS:
-            return False
-        if any(marker in str(seen) for marker in TRANSIENT_MARKERS):
-            return False
-        seen = seen.__cause__ or seen.__context__
-    return True
 
 
 def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstract) -> tuple[str, object]:

@@ -28,7 +28,10 @@ T = jnp.zeros(2)
 
 @pytest.mark.parametrize("fields,message", [
     (dict(base_channels=12, num_groups=8), r"channels \(12\) must be divisible by num_groups \(8\)"),
-    (dict(base_channels=4, num_groups=8, channel_mults=(2, 3)), r"channels \(12\) must be divisible by num_groups \(8\)"),
+    (dict(base_channels=4, num_groups=8, channel_mults=(2, 3), attention_resolutions=(8,)),
+     r"channels \(12\) must be divisible by num_groups \(8\)"),
+    (dict(attention_resolutions=(4, 6)), r"attention_resolutions 6 matches no level: the levels' feature maps are "
+                                         r"16, 8, 4 wide \(image_size 16, 3 levels\)"),
     (dict(base_channels=16, num_heads=3), r"channels \(16\) must be divisible by num_heads \(3\)"),
     (dict(image_size=18), r"image_size 18 is not divisible by 2\*\*\(levels-1\) = 4"),
     (dict(dtype="float64"), r"dtype must be one of .* got 'float64'"),

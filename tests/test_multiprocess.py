@@ -45,23 +45,25 @@ def stop_with_sigterm(procs: list[subprocess.Popen], signalled: tuple[int, ...],
     return steps.pop()
 
 
-def resume_in_two_processes(workdir, steps: int, driver: str) -> dict:
-    """The run continued by two processes from its workdir alone (no --preset: the saved config)."""
+def resume_in_two_processes(workdir, steps: int, driver: str) -> tuple[dict, list[str]]:
+    """The run continued by two processes (no --preset: each reads the saved config first); the
+    summary and both processes' stderr."""
     procs = start_processes(workdir, 2, "--steps", steps, "--parallel", driver)
     outputs = [proc.communicate(timeout=300) for proc in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
-    return json.loads(outputs[0][0].strip().splitlines()[-1])
+    return json.loads(outputs[0][0].strip().splitlines()[-1]), [err for _, err in outputs]
 
 
 @pytest.mark.parametrize("driver,signalled,apart_s,resume_processes", [
     ("pmap", (1,), 0.0, 1), ("jit", (0, 1), 0.5, 2)],
-    ids=["pmap, one process signalled, resumed by one", "jit, both signalled apart, resumed by two"])
+    ids=["pmap, one process signalled, resumed by one", "jit, both signalled apart, newest damaged, resumed by two"])
 def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driver, signalled, apart_s,
                                                                   resume_processes):
     """2 processes x 2 CPU devices (gloo): whichever of them get SIGTERM, both save the same step and
-    exit 0 within 60 s; resumed for two more steps (by one process, or by two from the workdir's saved
-    config), the run equals 1 process x 4 devices that ran all of them without a stop."""
+    exit 0 within 60 s; resumed for two more steps (by one process; or by two, the newest checkpoint
+    damaged, which both set aside once and both pass over), the run equals 1 process x 4 devices that
+    ran all of them without a stop."""
     workdir = tmp_path / "two_processes"
     procs = start_processes(workdir, 2, *UNTIL_STOPPED, "--parallel", driver)
     wait_for(workdir / "metrics.jsonl", procs)
@@ -69,10 +71,15 @@ def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driv
     assert (workdir / "checkpoints" / str(stopped)).is_dir()
 
     if resume_processes == 2:
-        resumed = resume_in_two_processes(workdir, stopped + 2, driver)
+        (workdir / "checkpoints" / str(stopped) / "state" / "_METADATA").unlink()
+        resumed, stderr = resume_in_two_processes(workdir, stopped + 2, driver)
+        warning = f"warning: checkpoint step {stopped} is damaged"
+        assert stderr[0].count(warning) == 1 and warning not in stderr[1]  # process 0 says it, once
+        assert (workdir / "checkpoints" / f"{stopped}.damaged").is_dir()
+        assert resumed["resumed_from"] == stopped - 1 and resumed["step"] == stopped + 2
     else:
         resumed = summary(run_train(workdir, "--steps", str(stopped + 2)))
-    assert resumed["resumed_from"] == stopped and resumed["step"] == stopped + 2
+        assert resumed["resumed_from"] == stopped and resumed["step"] == stopped + 2
     one_process = tmp_path / "one_process"
     run_train(one_process, "--steps", str(stopped + 2))
     assert_same_state(params_at(workdir, stopped + 2), params_at(one_process, stopped + 2), 1e-5)

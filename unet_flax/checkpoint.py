@@ -89,13 +89,13 @@ class Checkpoints:
 
     @contextlib.contextmanager
     def _writing(self):
-        """A write the file system refused (disk full, quota, read-only, permissions) as a SaveError
+        """A write the machine refused (disk full, quota, read-only, permissions, memory) as a SaveError
         naming the folder; orbax writes each step into a temporary folder first, so the checkpoints
         before it are intact. Anything else keeps its traceback."""
         try:
             yield
         except Exception as error:
-            reason = file_system_error(error)
+            reason = transient_cause(error)
             if reason is None:
                 raise
             # Writes run in the background: the error may be an earlier step's, surfacing now, and
@@ -107,26 +107,40 @@ class Checkpoints:
                             f"intact (steps: {', '.join(map(str, complete)) or 'none'})") from error
 
 
+# Errors that say nothing about the checkpoint's own files: memory, permissions, a full disk, timeouts.
 class SaveError(RuntimeError):
     """The file system refused a checkpoint write: the run stops, exit code 1."""
 
 
-FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
-FILE_SYSTEM_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
-                        "Permission denied", "File too large")
+# What the machine, not a checkpoint's own files, can make fail: memory, permissions, space, time.
+# `errno`s for Python's errors; the texts for the errors tensorstore and XLA raise as ValueError.
+TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE,
+                    errno.ENFILE, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR, errno.EIO, errno.EFBIG}
+TRANSIENT_MESSAGES = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied",
+                      "File too large", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "PERMISSION_DENIED",
+                      "UNAVAILABLE", "CANCELLED", "out of memory", "Out of memory")
 
 
-def file_system_error(error: BaseException) -> str | None:
-    """What the file system said, where `error` (or one it was raised from) is a refused write."""
+def transient_cause(error: BaseException) -> str | None:
+    """What the machine said, where `error` (or one it was raised from) failed for want of memory,
+    permission, space or time; None where nothing says so."""
     seen = error
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in FILE_SYSTEM_ERRNOS:
+        if isinstance(seen, (MemoryError, TimeoutError, KeyboardInterrupt)):
+            return type(seen).__name__
+        if isinstance(seen, OSError) and seen.errno in TRANSIENT_ERRNOS:
             return f"{seen.strerror}: {seen.filename}" if seen.filename else seen.strerror
-        found = next((message for message in FILE_SYSTEM_MESSAGES if message in str(seen)), None)
+        found = next((message for message in TRANSIENT_MESSAGES if message in str(seen)), None)
         if found:
             return found
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether restoring failed on the checkpoint's own files (missing, truncated, inconsistent), rather
+    than on this machine's state at the moment (memory, permissions, disk space, a timeout)."""
+    return transient_cause(error) is None
 
 
 def saved_config(workdir: str | Path) -> dict | None:
