@@ -114,6 +114,93 @@ def test_a_failure_that_is_not_damage_stops_and_renames_nothing(trained, tmp_pat
     assert snapshot(workdir) == before
 
 
+def test_sigkill_at_five_moments_resumes_bit_identically(tmp_path):
+    """SIGKILL during checkpoint writes and between steps: each restart resumes from the newest complete
+    checkpoint, every checkpoint left restores, and the end equals the uninterrupted run bit for bit."""
+    command = command_line("train.py", "--workdir", tmp_path, *TINY, "--steps", "6", "--save-every", "1")
+    checkpoints = tmp_path / "checkpoints"
+
+    def steps_saved():
+        return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
+
+    kills = []
+    while len(kills) < 5:
+        before = steps_saved()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            writing = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
+            if (not kills and writing) or (kills and steps_saved() != before):
+                proc.send_signal(signal.SIGKILL)
+                kills.append("during a checkpoint write" if writing else f"after step {steps_saved()[-1]}")
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate()
+        if proc.returncode == 0:  # finished before it could be killed
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+        restarted_from = steps_saved()
+        assert not before or restarted_from[-1] >= before[-1]
+    assert len(kills) == 5 and kills[0] == "during a checkpoint write", kills
+    newest = steps_saved()[-1]
+    final = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert final.returncode == 0, final.stderr[-2000:]
+    for step in steps_saved():  # nothing left behind that fails to restore
+        params_at(tmp_path, step)
+
+    reference = tmp_path.parent / "never-killed"  # in this process: the same programs, bit for bit
+    run_train(reference, "--steps", "6", "--save-every", "1")
+    assert_bit_identical(params_at(tmp_path, 6), params_at(reference, 6))
+    finished = json.loads(final.stdout.strip().splitlines()[-1])
+    assert finished["step"] == 6 and finished["resumed_from"] == newest
+
+
+def test_skip_nonfinite_counts_the_skipped_steps(tmp_path):
+    """With --skip-nonfinite a NaN/inf step changes nothing but is counted; the run finishes."""
+    result = run_train(tmp_path, "--steps", "4", "--save-every", "2", "--lr", "1e30", "--warmup-steps", "0",
+                       "--grad-clip", "0", "--skip-nonfinite")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["nonfinite_total"] >= 1
+    assert summary(result)["step"] == 4
+    for step in (2, 4):  # what was saved holds no NaN or inf, and counts the skipped steps
+        state = params_at(tmp_path, step)
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state))
+    assert int(state["skipped_steps"]) == rows[-1]["nonfinite_total"]
+    assert int(state["step"]) - int(state["skipped_steps"]) == int(np.max([
+        np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+        if "count" in jax.tree_util.keystr(path)]))
+
+
+def test_an_unreadable_image_mid_run_stops_in_one_line_and_can_be_skipped(tmp_path):
+    """Training reads images as it needs them: a broken one, met at some step, stops the run with one
+    line naming it (exit 1) and leaves the last checkpoint; --skip-bad-images resumes, passing over it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images"
+    # Ten classes of grey images: the network of the other tiny runs, whose programs are compiled.
+    files = [data / f"class{i % 10}" / f"{i:03d}.png" for i in range(24)]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(path)
+    # The file the third batch of 8 meets first (the order is the seed's shuffle of the sorted files).
+    order = list(grain.MapDataset.range(len(files)).shuffle(seed=0))
+    broken = sorted(files)[order[16]]
+    broken.write_bytes(broken.read_bytes()[:60])
+    workdir = tmp_path / "run"
+    stopped = run_train(workdir, "--data", str(data), "--steps", "12", "--save-every", "1", "--data-workers", "2",
+                        check=False)
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == f"error: cannot read image {broken}: image file is truncated"
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) == 2  # the steps before the broken image's batch
+
+    resumed = summary(run_train(workdir, "--data", str(data), "--steps", "12", "--skip-bad-images"))
+    assert resumed["resumed_from"] == max(saved) and resumed["step"] == 12
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_images_total"] >= 1
+
+
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_the_checkpoints_before(tmp_path, monkeypatch):
     """The write of step 4 fails as orbax reports a full disk (the message of a real one): the run ends
     with exit 1 and one line naming the folder, and step 2 restores."""
