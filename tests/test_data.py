@@ -85,6 +85,10 @@ def test_the_colour_mode_comes_from_every_file_header(tmp_path):
     assert ip.load(str(tmp_path), 4).channels == 3
     (tmp_path / "grey07b.png").unlink()
     assert ip.load(str(tmp_path), 4).channels == 1
+    _write(tmp_path / "grey.jpg", np.full((4, 4), 9, np.uint8))  # JPEG headers are read too: grey stays grey
+    assert ip.load(str(tmp_path), 4).channels == 1
+    _write(tmp_path / "colour.jpg", np.zeros((4, 4, 3), np.uint8))
+    assert ip.load(str(tmp_path), 4).channels == 3
 
 
 def test_grey_and_colour_images_mix_as_colour(tmp_path):

@@ -292,12 +292,48 @@ def _image_folder(folder: Path, image_size: int, skip_bad: bool) -> ImageFolder:
 
 
 def _header_mode(path: str) -> str | None:
-    """The image's mode from its header (no pixels decoded), None where it cannot be read."""
+    """The image's mode from its header (no pixels decoded), None where it cannot be read. PNG and
+    JPEG headers are read directly (a few bytes; Image.open costs 0.3 ms a file, 6.5 s for 20,000)."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if head[:2] == b"\xff\xd8":  # JPEG: the frame header may follow EXIF data
+                head += f.read(64 * 1024)
+        mode = _png_mode(head) or _jpeg_mode(head)
+        if mode is not None:
+            return mode
         with Image.open(path) as image:
             return image.mode
     except (UnidentifiedImageError, OSError, ValueError):
         return None
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_MODES = {0: "L", 4: "LA", 2: "RGB", 6: "RGBA"}  # IHDR colour type; palettes (3) are left to Pillow
+
+
+def _png_mode(head: bytes) -> str | None:
+    if head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR" or len(head) < 26:
+        return None
+    return PNG_MODES.get(head[25])
+
+
+def _jpeg_mode(head: bytes) -> str | None:
+    """From the frame header (SOFn): 1 component is grey, 3 or 4 colour."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 10 <= len(head):
+        if head[position] != 0xFF:
+            return None
+        marker = head[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return {1: "L", 3: "RGB", 4: "CMYK"}.get(head[position + 9])
+        position += 2 + int.from_bytes(head[position + 2:position + 4], "big")
+    return None
 
 
 class _opened:
