@@ -226,8 +226,8 @@ def prepare_workdir(config: TrainConfig) -> Path:
 def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstract) -> tuple[str, object]:
     """('ok', (state, data state)), ('damaged', error) or ('error', error) for one checkpoint."""
     try:
-        saved_config = checkpoints.read_config(step)
-        differing = incompatible_fields(saved_config, config.to_dict(), trained=step > 0)
+        saved = checkpoints.read_config(step)
+        differing = incompatible_fields(saved, config.to_dict(), trained=step > 0)
         if differing:
             raise UsageError(f"cannot resume {config.workdir} (step {step}): the config differs in "
                              f"{', '.join(differing)}")
@@ -239,6 +239,12 @@ def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstra
 
 
 OUTCOMES = ("ok", "damaged", "error")
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one short line: its type and its message's first line (which may be empty)."""
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
 def agreed_outcome(outcome: str) -> str:
@@ -261,14 +267,12 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
         if agreed == "ok":
             return step, *result
         if agreed == "error":
-            reason = f"{type(result).__name__}: {str(result).splitlines()[0][:200]}" if outcome == "error" \
-                else "another process failed to read it"
+            reason = describe(result) if outcome == "error" else "another process failed to read it"
             raise TrainingError(f"cannot restore checkpoint step {step} ({reason}); nothing was renamed or "
                                 f"changed: fix the cause and run again")
         kept = checkpoints.set_aside(step)
         if jax.process_index() == 0:
-            why = f"{type(result).__name__}: {str(result).splitlines()[0][:200]}" if outcome == "damaged" \
-                else "unreadable in another process"
+            why = describe(result) if outcome == "damaged" else "unreadable in another process"
             print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one",
                   file=sys.stderr)
     raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "

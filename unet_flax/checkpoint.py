@@ -107,7 +107,6 @@ class Checkpoints:
                             f"intact (steps: {', '.join(map(str, complete)) or 'none'})") from error
 
 
-# Errors that say nothing about the checkpoint's own files: memory, permissions, a full disk, timeouts.
 class SaveError(RuntimeError):
     """The file system refused a checkpoint write: the run stops, exit code 1."""
 
