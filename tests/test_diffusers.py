@@ -1,6 +1,7 @@
 """diffusers' UNet2DModel and DDIMScheduler, installed for real, against unet_flax: folders that
 save_pretrained writes, imported (forward, gradients), exported (from_pretrained), round trips,
 refusals, the command lines, and DDIM's timestep spacings."""
+import copy
 import dataclasses
 import functools
 import json
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax.checkpoint import load_params
@@ -334,6 +335,73 @@ def test_command_lines_import_sample_fine_tune_export(tmp_root, tmp_path):
     refused = run_convert("export-diffusers", "--workdir", workdir, "--out", out)
     assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
         f"error: {out} exists and is not an empty folder; choose another --out (nothing was written)"]
+
+
+def test_a_pipeline_folder_brings_its_scheduler(tmp_root, tmp_path):
+    """A DDPMPipeline saved by diffusers, its DDPMScheduler cosine, 100 steps, v-prediction: imported from
+    the pipeline's folder or from its unet/, the run has the U-Net's weights, that schedule (the very
+    alphas_cumprod of diffusers) and that prediction (diffusers' velocity as the training target)."""
+    torch_model, _, config, params, _ = saved_model("scale-shift-mid-norm", tmp_root)
+    scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction")
+    DDPMPipeline(unet=torch_model, scheduler=scheduler).save_pretrained(tmp_path / "pipeline")
+    for model in (tmp_path / "pipeline", tmp_path / "pipeline" / "unet"):
+        workdir = tmp_path / f"run_{model.name}"
+        result = run_convert("import-diffusers", "--model", model, "--workdir", workdir)
+        assert result.returncode == 0, result.stderr[-2000:]
+        imported = json.loads(result.stdout)
+        assert (imported["noise_schedule"], imported["timesteps"], imported["prediction"]) == ("cosine", 100, "v")
+        ema_params, saved, _ = load_params(workdir)
+        assert (saved["noise_schedule"], saved["timesteps"], saved["prediction"]) == ("cosine", 100, "v")
+        assert saved["sampling_steps"] <= 100
+        assert_bit_identical(ema_params, params)
+
+    schedule = diffusion.make_schedule("cosine", 100)
+    assert rel_error(schedule.alphas_cumprod, scheduler.alphas_cumprod.numpy()) <= 1e-6
+    generator = torch.Generator().manual_seed(7)
+    x0, noise = torch.randn(3, 1, 8, 6, generator=generator), torch.randn(3, 1, 8, 6, generator=generator)
+    t = torch.tensor([0, 41, 99])
+    target = diffusion.training_target(schedule, to_nhwc(x0), t.numpy(), to_nhwc(noise), saved["prediction"])
+    assert rel_error(to_nchw(target), scheduler.get_velocity(x0, noise, t).numpy()) <= 1e-6
+
+
+def test_fp16_variant_in_sharded_bin_files(tmp_root, tmp_path):
+    """save_pretrained(variant="fp16") of a half-precision U-Net in .bin shards: without --variant the
+    import says which variants the folder holds and writes nothing; with it, float32 params equal to
+    the fp16 weights."""
+    torch_model, _, config, _, _ = saved_model("scale-shift-mid-norm", tmp_root)
+    half = copy.deepcopy(torch_model).half()
+    half.save_pretrained(tmp_path / "fp16", variant="fp16", safe_serialization=False, max_shard_size="20KB")
+    assert len(list((tmp_path / "fp16").glob("diffusion_pytorch_model.fp16-*.bin"))) > 1
+    workdir = tmp_path / "run"
+    refused = run_convert("import-diffusers", "--model", tmp_path / "fp16", "--workdir", workdir)
+    assert refused.returncode == 1 and not workdir.exists()
+    assert refused.stderr.strip().splitlines()[-1].endswith("; it holds the variants fp16 (--variant)")
+    result = run_convert("import-diffusers", "--model", tmp_path / "fp16", "--variant", "fp16", "--workdir", workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ema_params, _, _ = load_params(workdir)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(ema_params)} == {np.dtype(np.float32)}
+    expected = params_from_diffusers(config, {k: v.float() for k, v in half.state_dict().items()})
+    assert_bit_identical(ema_params, expected)
+
+
+@pytest.mark.parametrize("scheduler,message", [
+    (dict(beta_schedule="scaled_linear"), "scheduler beta_schedule = 'scaled_linear' cannot be expressed: unet_flax "
+                                          "supports ('linear', 'squaredcos_cap_v2')"),
+    (dict(num_train_timesteps=500), "scheduler beta_start, beta_end = 0.0001, 0.02 with num_train_timesteps = 500 "
+                                    "cannot be expressed: unet_flax's linear betas run from 0.0002 to 0.04 (DDPM's, "
+                                    "scaled by 1000 / timesteps)"),
+    (dict(prediction_type="sample"), "scheduler prediction_type = 'sample' cannot be expressed: unet_flax supports "
+                                     "('epsilon', 'v_prediction')"),
+    (dict(rescale_betas_zero_snr=True), "scheduler rescale_betas_zero_snr = True cannot be expressed: unet_flax "
+                                        "computes its betas from beta_schedule ('linear', 'squaredcos_cap_v2')"),
+], ids=["scaled_linear", "linear of 500 steps", "sample prediction", "zero-SNR"])
+def test_schedulers_it_cannot_follow_are_refused_in_one_line(scheduler, message, tmp_root, tmp_path):
+    torch_model, _, _, _, _ = saved_model("no-mid-attention", tmp_root)
+    DDPMPipeline(unet=torch_model, scheduler=DDPMScheduler(**scheduler)).save_pretrained(tmp_path / "pipeline")
+    result = run_convert("import-diffusers", "--model", tmp_path / "pipeline", "--workdir", tmp_path / "run")
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_command_line_refuses_what_it_cannot_train_in_one_line(tmp_root, tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .diffusers_format import float32_array, from_diffusers, to_diffusers
+from .diffusers_format import float32_array, from_diffusers, schedule_of, to_diffusers
 from .train_config import PRESETS, TrainConfig
 from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
 
@@ -205,17 +205,22 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
     return write_checkpoint(config, torch_to_flax(state_dict, target))
 
 
-def import_diffusers(model_dir: str, workdir: str) -> dict:
-    """A UNet2DModel folder -> an orbax checkpoint at step 0, with the cifar10 preset's optimisation
-    (DDPM's) for fine-tuning: train.py and sample.py take it from there."""
-    model, params = from_diffusers(model_dir)
+def import_diffusers(model_dir: str, workdir: str, variant: str | None = None) -> dict:
+    """A UNet2DModel folder, or a pipeline's folder, -> an orbax checkpoint at step 0 with the cifar10
+    preset's optimisation (DDPM's) for fine-tuning: train.py and sample.py take it from there. A
+    pipeline's scheduler gives the noise schedule, its length and the prediction; else DDPM's."""
+    schedule = schedule_of(model_dir) or {}
+    model, params = from_diffusers(model_dir, variant)
     conditional = model.num_classes is not None
     # Without a null label there is nothing to drop labels to, nor to guide against.
     guidance = {} if model.null_label else {"label_dropout": 0.0, "guidance_scale": 1.0}
-    config = dataclasses.replace(PRESETS["cifar10"], model=model, workdir=workdir, data=None,
-                                 class_conditional=conditional, hflip=False, **guidance)
+    base = PRESETS["cifar10"]
+    sampling_steps = min(base.sampling_steps, schedule.get("timesteps", base.timesteps))
+    config = dataclasses.replace(base, model=model, workdir=workdir, data=None, class_conditional=conditional,
+                                 hflip=False, sampling_steps=sampling_steps, **guidance, **schedule)
     _refuse_used_workdir(workdir)
-    return {**write_checkpoint(config, params), "model": str(model_dir)}
+    return {**write_checkpoint(config, params), "model": str(model_dir), "noise_schedule": config.noise_schedule,
+            "timesteps": config.timesteps, "prediction": config.prediction}
 
 
 def _refuse_used_workdir(workdir: str) -> None:
@@ -273,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("--workdir", required=True)
     imp_diffusers = commands.add_parser("import-diffusers",
                                         help="diffusers UNet2DModel folder -> orbax checkpoint (step 0)")
-    imp_diffusers.add_argument("--model", required=True, help="a folder UNet2DModel.save_pretrained wrote")
+    imp_diffusers.add_argument("--model", required=True, help="a folder UNet2DModel.save_pretrained wrote, or a "
+                                                              "pipeline's (its unet/ and scheduler/)")
+    imp_diffusers.add_argument("--variant", default=None, help="the weights variant to read, e.g. fp16 "
+                                                               "(diffusion_pytorch_model.fp16.safetensors)")
     imp_diffusers.add_argument("--workdir", required=True)
     exp_diffusers = commands.add_parser("export-diffusers",
                                         help="orbax checkpoint -> diffusers UNet2DModel folder")
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export-diffusers":
             return export_diffusers(args.workdir, args.out, args.step, not args.no_ema)
         if args.command == "import-diffusers":
-            return import_diffusers(args.model, args.workdir)
+            return import_diffusers(args.model, args.workdir, args.variant)
         return import_state_dict(args.state_dict, args.config, args.workdir)
     # A .pt file torch cannot unpickle raises RuntimeError or pickle's errors: a failure, not a usage error.
     return run_command(convert, args, (FileNotFoundError, FileExistsError, RuntimeError, pickle.UnpicklingError),

@@ -1,8 +1,10 @@
 """diffusers' UNet2DModel folders <-> (UNetConfig, Flax params), with no diffusers installed.
 
 A folder written by `UNet2DModel.save_pretrained` holds config.json and
-diffusion_pytorch_model.safetensors (older ones a .bin, big ones shards and an index). The two
-networks are the same up to names and layout:
+diffusion_pytorch_model.safetensors (older ones a .bin, big ones shards and an index, `variant`
+ones diffusion_pytorch_model.fp16.safetensors and the like). A pipeline's folder (model_index.json)
+holds the U-Net in unet/ and, in scheduler/scheduler_config.json, the noise schedule and the
+prediction it was trained with. The two networks are the same up to names and layout:
 
   diffusers                                   unet_flax
   down_blocks.{l}.resnets.{j}                 down_blocks_{l * num_res_blocks + j}/resnet
@@ -21,6 +23,7 @@ is a permutation or a split/concatenation, so a round trip is bit-exact.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,13 @@ from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
 BIN_NAME = "diffusion_pytorch_model.bin"
-INDEX_NAME = SAFETENSORS_NAME + ".index.json"
+# What diffusers looks for, in its order: one file, or shards listed by an index.
+WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_NAME + ".index.json", BIN_NAME, BIN_NAME + ".index.json")
+# diffusion_pytorch_model.fp16.safetensors, its shards (.fp16-00001-of-00002) and index (.index.fp16.json)
+VARIANT_FILE = re.compile(r"^diffusion_pytorch_model(?:\.(?:safetensors|bin)\.index)?\.([^.-]+)(?:-\d+-of-\d+)?"
+                          r"\.(?:safetensors|bin|json)$")
+PIPELINE_INDEX = "model_index.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
 # The diffusers release whose UNet2DModel this module reads and writes, as the tests check.
 DIFFUSERS_VERSION = "0.42.1"
 # Written by export: the last class embedding is unet_flax's null label (diffusers ignores keys with "_").
@@ -364,22 +373,77 @@ def float32_array(value: Any) -> np.ndarray:
     return np.asarray(value, np.float32)
 
 
+# -- scheduler ------------------------------------------------------------------------------------
+
+# diffusers' names -> unet_flax's: the schedules and predictions both have.
+BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
+PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
+# DDPM's linear betas at T = 1000, which unet_flax's linear schedule scales by 1000 / T.
+DDPM_BETAS = (1e-4, 0.02)
+
+
+def schedule_from_diffusers(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A scheduler_config.json (DDPMScheduler, DDIMScheduler, ...) -> the training settings of the same
+    diffusion: {'noise_schedule', 'timesteps', 'prediction'}; refuses, naming the field and its value,
+    a schedule unet_flax computes differently."""
+    timesteps = fields.get("num_train_timesteps", 1000)
+    if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1:
+        raise ConfigError(f"scheduler num_train_timesteps = {timesteps!r}: must be a positive integer")
+    for name in ("trained_betas", "rescale_betas_zero_snr"):
+        if fields.get(name):
+            raise ConfigError(f"scheduler {name} = {fields[name]!r} cannot be expressed: unet_flax computes "
+                              f"its betas from beta_schedule {tuple(BETA_SCHEDULES)}")
+    beta_schedule = fields.get("beta_schedule", "linear")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ConfigError(f"scheduler beta_schedule = {beta_schedule!r} cannot be expressed: unet_flax supports "
+                          f"{tuple(BETA_SCHEDULES)}")
+    if beta_schedule == "linear":
+        expected = tuple(beta * 1000 / timesteps for beta in DDPM_BETAS)
+        given = (fields.get("beta_start", 1e-4), fields.get("beta_end", 0.02))
+        if not np.allclose(given, expected, rtol=1e-6, atol=0):
+            raise ConfigError(f"scheduler beta_start, beta_end = {given[0]}, {given[1]} with num_train_timesteps = "
+                              f"{timesteps} cannot be expressed: unet_flax's linear betas run from "
+                              f"{expected[0]:g} to {expected[1]:g} (DDPM's, scaled by 1000 / timesteps)")
+    prediction = fields.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ConfigError(f"scheduler prediction_type = {prediction!r} cannot be expressed: unet_flax supports "
+                          f"{tuple(PREDICTION_TYPES)}")
+    return {"noise_schedule": BETA_SCHEDULES[beta_schedule], "timesteps": timesteps,
+            "prediction": PREDICTION_TYPES[prediction]}
+
+
 # -- folders --------------------------------------------------------------------------------------
 
-def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
-    """The weights of a save_pretrained folder: safetensors (one file, or shards and their index), or
-    the .bin of older diffusers through torch.load(weights_only=True)."""
-    if (folder / SAFETENSORS_NAME).exists():
-        return read_safetensors(folder / SAFETENSORS_NAME)
-    if (folder / INDEX_NAME).exists():
-        shards = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
-        return {key: value for shard in shards for key, value in read_safetensors(folder / shard).items()}
-    if (folder / BIN_NAME).exists():
-        import torch
+def with_variant(name: str, variant: str | None) -> str:
+    """diffusers' file name of a weights `variant`: 'fp16' goes before the last suffix."""
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
 
-        return {key: float32_array(value)
-                for key, value in torch.load(folder / BIN_NAME, map_location="cpu", weights_only=True).items()}
-    raise FileNotFoundError(f"{folder} has none of {SAFETENSORS_NAME}, {INDEX_NAME}, {BIN_NAME}")
+
+def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, np.ndarray]:
+    """The weights of a save_pretrained folder as float32: safetensors or the .bin of older diffusers
+    (through torch.load(weights_only=True)), one file or the shards its index lists."""
+    for base_name in WEIGHT_NAMES:
+        name = with_variant(base_name, variant)
+        if (folder / name).exists():
+            if not base_name.endswith(".index.json"):
+                return read_weights_file(folder / name)
+            shards = sorted(set(read_json(folder / name, "weights index").get("weight_map", {}).values()))
+            return {key: value for shard in shards for key, value in read_weights_file(folder / shard).items()}
+    wanted = ", ".join(with_variant(name, variant) for name in WEIGHT_NAMES)
+    variants = sorted({m.group(1) for path in folder.iterdir() if (m := VARIANT_FILE.match(path.name))} - {variant})
+    hint = f"; it holds the variants {', '.join(variants)} (--variant)" if variants else ""
+    raise FileNotFoundError(f"{folder} has none of {wanted}{hint}")
+
+
+def read_weights_file(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    import torch
+
+    return {key: float32_array(value) for key, value in torch.load(path, map_location="cpu", weights_only=True).items()}
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -389,17 +453,42 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     return {key: float32_array(value) for key, value in load_file(path).items()}
 
 
-def from_diffusers(folder: str | Path) -> tuple[UNetConfig, Params]:
-    """(UNetConfig, Flax params) from a folder that `UNet2DModel.save_pretrained` wrote."""
+def model_folders(folder: Path) -> tuple[Path, Path | None]:
+    """(the UNet2DModel folder, the pipeline's scheduler_config.json or None) of `folder`: a pipeline's
+    folder, its unet/ subfolder, or a lone UNet2DModel folder."""
+    if (folder / PIPELINE_INDEX).is_file():
+        pipeline = folder
+        folder = folder / "unet"
+    elif folder.name == "unet" and (folder.parent / PIPELINE_INDEX).is_file():
+        pipeline = folder.parent
+    else:
+        return folder, None
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG_NAME} does not exist: the pipeline {pipeline} has no UNet2DModel "
+                                f"in unet/")
+    scheduler = pipeline / "scheduler" / SCHEDULER_CONFIG
+    return folder, scheduler if scheduler.is_file() else None
+
+
+def from_diffusers(folder: str | Path, variant: str | None = None) -> tuple[UNetConfig, Params]:
+    """(UNetConfig, Flax params) from a folder that `UNet2DModel.save_pretrained` wrote, or from the
+    unet/ of a pipeline's folder."""
     from .training import param_shapes
 
-    folder = Path(folder)
+    folder, _ = model_folders(Path(folder))
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder / CONFIG_NAME} does not exist: {folder} is not a folder that "
                                 f"UNet2DModel.save_pretrained wrote")
     config = unet_config_from_diffusers(read_json(folder / CONFIG_NAME, "diffusers config"))
     expected = param_shapes(config)
-    return config, params_from_diffusers(config, read_state_dict(folder), expected)
+    return config, params_from_diffusers(config, read_state_dict(folder, variant), expected)
+
+
+def schedule_of(folder: str | Path) -> dict[str, Any] | None:
+    """The training settings a pipeline's scheduler gives (see schedule_from_diffusers); None for a
+    UNet2DModel folder that is not in a pipeline."""
+    _, scheduler = model_folders(Path(folder))
+    return None if scheduler is None else schedule_from_diffusers(read_json(scheduler, "scheduler config"))
 
 
 def to_diffusers(config: UNetConfig, params: Mapping[str, Any], folder: str | Path) -> Path:
