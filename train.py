@@ -16,7 +16,9 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -199,6 +201,57 @@ class DeviceFeed:
             close()
 
 
+class PeerFailures:
+    """Several processes stop together when one cannot go on. The one that failed says why in the
+    job's key-value store; the others, watching it from a thread, stop at once with that reason,
+    wherever they are (waiting in a collective for the failed process would last until a timeout).
+    Every process of a failed job then ends without JAX's shutdown barrier, which would wait for
+    processes that are gone."""
+
+    DIRECTORY = "unet_flax/failed/"
+
+    def __init__(self, interval_s: float = 0.5):
+        from jax._src import distributed  # the job's coordination client; JAX has no public handle to it
+
+        self.client = distributed.global_state.client
+        self.own_key = f"{self.DIRECTORY}{jax.process_index()}"
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="peer-failures").start()
+
+    def announce(self, error: BaseException) -> None:
+        self.done.set()
+        with contextlib.suppress(Exception):  # the service may be gone with process 0
+            self.client.key_value_set(self.own_key, describe(error))
+
+    def _watch(self, interval_s: float, unanswered_limit: int = 10) -> None:
+        unanswered = 0
+        while not self.done.wait(interval_s):
+            try:
+                failed = [(key, reason) for key, reason in self.client.key_value_dir_get(self.DIRECTORY)
+                          if key != self.own_key]
+                unanswered = 0
+            except Exception:  # for long: the service is gone with process 0, which hosted it
+                unanswered += 1
+                failed = [(f"{self.DIRECTORY}0", "its coordination service stopped answering")] \
+                    if unanswered >= unanswered_limit else []
+            if failed and not self.done.is_set():
+                key, reason = failed[0]
+                below_progress_bar = "\n" if jax.process_index() == 0 else ""
+                print(f"{below_progress_bar}error: process {key.rsplit('/', 1)[-1]} failed ({reason}); this process "
+                      f"stops too", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def end_failed_job(code: int) -> None:
+    """End this process of a failed multi-process job at once (see PeerFailures)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def start_distributed(args) -> None:
     """Join the job, before anything asks JAX which process this is (reading a saved config does)."""
     given = vars(args)
@@ -300,10 +353,22 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: tra
 
 
 def train(args) -> dict:
-    # Set-up: the config, the devices, the data, the workdir.
     start = time.time()
-    if vars(args).get("distributed"):  # per process: only ever from this command line
-        start_distributed(args)
+    if not vars(args).get("distributed"):  # per process: only ever from this command line
+        return run(args, start)
+    start_distributed(args)
+    peers = PeerFailures()
+    try:
+        return run(args, start)
+    except BaseException as error:
+        peers.announce(error)
+        raise
+    finally:
+        peers.close()
+
+
+def run(args, start: float) -> dict:
+    # Set-up: the config, the devices, the data, the workdir.
     resumed = saved_config(vars(args).get("workdir", PRESETS["digits"].workdir)) if args.preset is None else None
     config = config_from_args(args, resumed)
     data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)
@@ -363,7 +428,8 @@ def train(args) -> dict:
                 break
         checkpoints.wait()
     except BaseException:
-        close_all(stop, feed, progress, log, checkpoints, quietly=True)
+        # Not the checkpoints of several processes: their writes wait for processes that may be gone.
+        close_all(stop, feed, progress, log, *([checkpoints] if jax.process_count() == 1 else []), quietly=True)
         raise
     close_all(stop, feed, progress, log, checkpoints)
 
@@ -409,7 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_compilation_cache_dir", cache)  # a restarted run does not compile again
     # Also the many small programs (placing the state, checkpointing), about 30 ms each to compile.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    return run_command(train, args, (TrainingError, SaveError, input_pipeline.DataError))
+    try:
+        code = run_command(train, args, (TrainingError, SaveError, input_pipeline.DataError))
+    except BaseException:
+        if jax.distributed.is_initialized():
+            traceback.print_exc()
+            end_failed_job(1)
+        raise
+    if code and jax.distributed.is_initialized():
+        end_failed_job(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """train.py as several processes and under signals: two processes on localhost (gloo) stopped by
 SIGTERM, to one of them or to both a moment apart, under either driver; each resumed and compared
-with one process that ran the same steps; and SIGTERM to a single-process run."""
+with one process that ran the same steps; a bad image that only one process reads stopping both;
+and SIGTERM to a single-process run."""
 import json
 import signal
 import subprocess
 import time
 
+import grain
 import jax
+import numpy as np
 import pytest
 
 from commands import ROOT, TINY, command_line, params_at, run_train, start_processes, summary, wait_for
@@ -94,3 +97,33 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
     assert stopped >= 2 and (tmp_path / "checkpoints" / str(stopped)).is_dir()
     resumed = summary(run_train(tmp_path, "--steps", str(stopped + 2)))
     assert resumed["resumed_from"] == stopped
+
+
+def test_a_bad_image_in_one_process_stops_both_within_60_s(tmp_path):
+    """Process 1's rows hold a truncated image, process 0's do not: process 1 names the file in one line,
+    process 0 says which process failed and why, and both exit 1 within 60 s of the first."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "images"
+    files = [data / f"class{i % 10}" / f"{i:03d}.png" for i in range(40)]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(path)
+    # Global batch k of 8 is the shuffled rows 8k..8k+7: process 0 reads the first 4, process 1 the
+    # last 4. Row 20 is process 1's, in the third batch.
+    order = list(grain.MapDataset.range(len(files)).shuffle(seed=0))
+    broken = sorted(files)[order[20]]
+    broken.write_bytes(broken.read_bytes()[:60])
+    procs = start_processes(tmp_path / "run", 2, "--data", data, "--steps", "20", "--data-workers", "0")
+    first_exit = None
+    while any(proc.poll() is None for proc in procs):
+        if first_exit is None and any(proc.poll() is not None for proc in procs):
+            first_exit = time.time()
+        assert first_exit is None or time.time() - first_exit < 60, "the other process did not stop in 60 s"
+        time.sleep(0.2)
+    errors = [proc.communicate()[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [1, 1], errors
+    assert errors[1].strip().splitlines()[-1] == f"error: cannot read image {broken}: image file is truncated"
+    assert errors[0].strip().splitlines()[-1] == (f"error: process 1 failed (DataError: cannot read image {broken}: "
+                                                  f"image file is truncated); this process stops too")
