@@ -129,3 +129,20 @@ def wait_for(path: Path, procs: list[subprocess.Popen], timeout_s: float = 300) 
         assert time.time() < deadline, f"{path} did not appear in {timeout_s} s"
         time.sleep(0.2)
 
+
+
+def images_with_a_truncated_row(folder: Path, count: int, row: int, seed: int) -> Path:
+    """`count` random 12x12 grey PNGs in ten class folders (the tiny runs' network, whose programs are
+    compiled), and the file at `row` of the seed-0 shuffle (the order training reads the sorted files
+    in) cut to 60 bytes: that file's path."""
+    import grain
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    files = [folder / f"class{i % 10}" / f"{i:03d}.png" for i in range(count)]
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(path)
+    broken = sorted(files)[list(grain.MapDataset.range(count).shuffle(seed=0))[row]]
+    broken.write_bytes(broken.read_bytes()[:60])
+    return broken

@@ -7,12 +7,10 @@ import signal
 import subprocess
 import time
 
-import grain
 import jax
-import numpy as np
 import pytest
 
-from commands import ROOT, TINY, command_line, params_at, run_train, start_processes, summary, wait_for
+from commands import ROOT, TINY, command_line, images_with_a_truncated_row, params_at, run_train, start_processes, summary, wait_for
 from parity import rel_error, without_key_biases
 
 # Two processes meet in gloo collectives with a fixed 30 s timeout: not beside another worker's tests.
@@ -102,19 +100,10 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
 def test_a_bad_image_in_one_process_stops_both_within_60_s(tmp_path):
     """Process 1's rows hold a truncated image, process 0's do not: process 1 names the file in one line,
     process 0 says which process failed and why, and both exit 1 within 60 s of the first."""
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
     data = tmp_path / "images"
-    files = [data / f"class{i % 10}" / f"{i:03d}.png" for i in range(40)]
-    for path in files:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(path)
     # Global batch k of 8 is the shuffled rows 8k..8k+7: process 0 reads the first 4, process 1 the
     # last 4. Row 20 is process 1's, in the third batch.
-    order = list(grain.MapDataset.range(len(files)).shuffle(seed=0))
-    broken = sorted(files)[order[20]]
-    broken.write_bytes(broken.read_bytes()[:60])
+    broken = images_with_a_truncated_row(data, 40, 20, seed=1)
     procs = start_processes(tmp_path / "run", 2, "--data", data, "--steps", "20", "--data-workers", "0")
     first_exit = None
     while any(proc.poll() is None for proc in procs):

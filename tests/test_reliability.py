@@ -7,7 +7,6 @@ import signal
 import subprocess
 import time
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -15,7 +14,7 @@ import pytest
 
 from unet_flax.checkpoint import Checkpoints, is_damage
 
-from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train, snapshot, summary
+from commands import ROOT, TINY, assert_bit_identical, command_line, images_with_a_truncated_row, params_at, run_train, snapshot, summary
 
 
 @pytest.fixture(scope="module")
@@ -174,19 +173,8 @@ def test_skip_nonfinite_counts_the_skipped_steps(tmp_path):
 def test_an_unreadable_image_mid_run_stops_in_one_line_and_can_be_skipped(tmp_path):
     """Training reads images as it needs them: a broken one, met at some step, stops the run with one
     line naming it (exit 1) and leaves the last checkpoint; --skip-bad-images resumes, passing over it."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
     data = tmp_path / "images"
-    # Ten classes of grey images: the network of the other tiny runs, whose programs are compiled.
-    files = [data / f"class{i % 10}" / f"{i:03d}.png" for i in range(24)]
-    for path in files:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (12, 12), dtype=np.uint8)).save(path)
-    # The file the third batch of 8 meets first (the order is the seed's shuffle of the sorted files).
-    order = list(grain.MapDataset.range(len(files)).shuffle(seed=0))
-    broken = sorted(files)[order[16]]
-    broken.write_bytes(broken.read_bytes()[:60])
+    broken = images_with_a_truncated_row(data, 24, 16, seed=0)  # the first file of the third batch of 8
     workdir = tmp_path / "run"
     stopped = run_train(workdir, "--data", str(data), "--steps", "12", "--save-every", "1", "--data-workers", "2",
                         check=False)
