@@ -69,7 +69,7 @@ class JaxStep:
         self.params_host = jax.device_get(state.params)
         self.state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.batch = jax.device_put(make_batch(config), jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec("data")))
+            mesh, jax.sharding.PartitionSpec(training.DATA_AXIS)))
         self.rng = jax.random.PRNGKey(1)
         start = time.perf_counter()
         self.compiled = self.step_fn.lower(self.state, self.batch, self.rng).compile()
@@ -128,7 +128,7 @@ class TorchStep:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        decay = min(config.ema_decay, (1 + self.step_count) / (10 + self.step_count))
+        decay = training.ema_decay(config.ema_decay, self.step_count)
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, list(self.raw_model.parameters()), 1 - decay)
         self.step_count += 1
@@ -159,7 +159,7 @@ def sampling_throughput(config: TrainConfig, flax_params, torch_model, devices: 
     labels = jnp.arange(images, dtype=jnp.int32) % 10 if m.num_classes else None
     mesh = training.data_mesh(devices)
     params = jax.device_put(flax_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")) if len(devices) > 1 else None
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(training.DATA_AXIS)) if len(devices) > 1 else None
 
     def jax_run():
         return generate(params, jax.random.PRNGKey(0), labels, model_config=m, shape=shape, num_steps=num_steps,

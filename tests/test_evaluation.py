@@ -7,7 +7,7 @@ import pytest
 
 from unet_flax import evaluation, training
 from unet_flax.train_config import PRESETS
-from unet_flax.sampling import sample_images
+from unet_flax.sampling import SamplingConfig, sample
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,8 @@ def measured():
 
     config = dataclasses.replace(PRESETS["digits"], model=dataclasses.replace(PRESETS["digits"].model, num_classes=10))
     untrained = training.create_train_state(config, jax.random.PRNGKey(0)).params
-    generated = sample_images(untrained, config, 200, np.arange(200) % 10, 10, 0.0, 2.0, seed=0, batch_size=200)
+    generated = sample(untrained, config, SamplingConfig(num_samples=200, labels=tuple(range(10)), sampling_steps=10,
+                                                         guidance_scale=2.0, batch_size=200)).images
     noise = np.random.default_rng(0).integers(0, 256, (200, 16, 16, 1), dtype=np.uint8)
     return {
         "accuracy": float(np.mean(held_predictions == held_out.labels)),

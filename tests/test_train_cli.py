@@ -3,15 +3,16 @@
 its own; the rest run in this process (commands.run_main), and must continue it bit for bit."""
 import json
 import shutil
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from commands import (ROOT, TINY, assert_bit_identical, params_at, run_main, run_process, run_sample, run_train,
+from commands import (TINY, assert_bit_identical, params_at, run_main, run_process, run_sample, run_train,
                       snapshot, summary)
 from parity import rel_error, without_key_biases
+from unet_flax.sampling import SamplingConfig, class_labels
+from unet_flax.unet_config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,9 @@ def test_ddpm_sampler_runs_every_training_step(uninterrupted, tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--labels", "3,12"], "label 12 out of range: this model has classes 0..9"),
     (["--step", "4"], "no checkpoint for step 4"),
-    (["--sampling-steps", "0"], "--sampling-steps must be positive, got 0"),
+    (["--sampling-steps", "0"], "sampling_steps must be positive, got 0"),
+    (["--sampling-steps", "1001"], "sampling_steps 1001 exceeds the model's 1000 timesteps"),
+    (["--labels", ","], "labels is empty: name at least one class"),
 ])
 def test_sample_errors(uninterrupted, flags, message):
     result = run_sample(uninterrupted[0], *flags, check=False)
@@ -125,10 +128,8 @@ def test_sample_without_a_checkpoint_creates_nothing(tmp_path):
 
 
 def test_labels_for_an_unconditional_model():
-    sys.path.insert(0, str(ROOT))
-    import sample
-    with pytest.raises(ValueError, match="--labels given, but this model is unconditional"):
-        sample.sample_labels(sample.parse_args(["--labels", "1"]), None)
+    with pytest.raises(ConfigError, match="labels given, but this model is unconditional"):
+        class_labels(SamplingConfig(labels=(1,)), None)
 
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):

@@ -220,8 +220,9 @@ def test_fifty_adam_steps_match_pytorch():
 def test_sampling_spread_over_devices_gives_the_same_images(monkeypatch):
     from unet_flax import sampling
     params = training.create_train_state(CONFIG, jax.random.PRNGKey(0)).params
-    labels = np.arange(8) % 3
-    spread = sampling.sample_images(params, CONFIG, 8, labels, 3, 0.0, 1.5, seed=0, batch_size=8)
+    how = sampling.SamplingConfig(num_samples=8, labels=(0, 1, 2), sampling_steps=3, guidance_scale=1.5, batch_size=8)
+    spread = sampling.sample(params, CONFIG, how)
     monkeypatch.setattr(sampling.jax, "local_device_count", lambda: 1)
-    single = sampling.sample_images(params, CONFIG, 8, labels, 3, 0.0, 1.5, seed=0, batch_size=8)
-    np.testing.assert_array_equal(spread, single)
+    single = sampling.sample(params, CONFIG, how)
+    assert spread.labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    np.testing.assert_array_equal(spread.images, single.images)

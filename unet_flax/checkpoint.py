@@ -18,12 +18,7 @@ from jax.experimental import multihost_utils
 
 from .train_config import TrainConfig
 from .training import create_train_state
-
-# Fields that may not change on resume: they define the network, or which batches and noise
-# the remaining steps see. Learning rate, steps, logging, dtype and the driver may change.
-RESUME_FIXED_TRAIN_FIELDS = ("batch_size", "seed", "data", "class_conditional", "label_dropout", "hflip",
-                             "noise_schedule", "timesteps", "prediction")
-RESUME_FREE_MODEL_FIELDS = ("dtype", "attention_impl", "remat")
+from .unet_config import FIXED, UNetConfig, fields_resumed
 
 
 class Checkpoints:
@@ -161,12 +156,13 @@ def saved_config(workdir: str | Path) -> dict | None:
 def incompatible_fields(saved: dict, current: dict, trained: bool = True) -> list[str]:
     """Names of the fields whose change would make a resumed run a different run; from a checkpoint
     that was never `trained` (an import at step 0), only the network's."""
+    fixed_train_fields = [name for name in fields_resumed(TrainConfig, FIXED) if name != "model"]
     differing = [f"{name} ({saved.get(name)!r} -> {current.get(name)!r})"
-                 for name in RESUME_FIXED_TRAIN_FIELDS if trained and saved.get(name) != current.get(name)]
+                 for name in fixed_train_fields if trained and saved.get(name) != current.get(name)]
     saved_model, current_model = saved.get("model", {}), current["model"]
-    differing += [f"model.{name} ({saved_model.get(name)!r} -> {value!r})"
-                  for name, value in current_model.items()
-                  if name not in RESUME_FREE_MODEL_FIELDS and _normalise(saved_model.get(name)) != _normalise(value)]
+    differing += [f"model.{name} ({saved_model.get(name)!r} -> {current_model[name]!r})"
+                  for name in fields_resumed(UNetConfig, FIXED)
+                  if _normalise(saved_model.get(name)) != _normalise(current_model[name])]
     return differing
 
 
@@ -181,9 +177,9 @@ def abstract_checkpoint(config: TrainConfig, sharding: jax.sharding.Sharding) ->
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
 
 
-def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> tuple[Any, dict, int]:
-    """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on this process's
-    first device (any process of a multi-host job may call it)."""
+@contextlib.contextmanager
+def _reading(workdir: str | Path, step: int | None):
+    """(read-only Checkpoints, the step: `step` or the latest), or FileNotFoundError naming what is there."""
     directory = Path(workdir).absolute() / "checkpoints"
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint in {directory}: train first, or pass the --workdir that holds one")
@@ -198,10 +194,23 @@ def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) 
         elif step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoints.directory} "
                                     f"(steps: {', '.join(map(str, sorted(steps)))})")
+        yield checkpoints, step
+    finally:
+        checkpoints.close()
+
+
+def load_config(workdir: str | Path, step: int | None = None) -> TrainConfig:
+    """The config a workdir's latest checkpoint, or `step`'s, was saved with."""
+    with _reading(workdir, step) as (checkpoints, step):
+        return TrainConfig.from_dict(checkpoints.read_config(step))
+
+
+def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> tuple[Any, dict, int]:
+    """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on this process's
+    first device (any process of a multi-host job may call it)."""
+    with _reading(workdir, step) as (checkpoints, step):
         config = checkpoints.read_config(step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         state, _ = checkpoints.restore(step, abstract_checkpoint(TrainConfig.from_dict(config), device))
-    finally:
-        checkpoints.close()
     train_state = state["train_state"]
     return (train_state.ema_params if ema else train_state.params), config, step

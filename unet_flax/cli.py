@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .train_config import CHOICES, PRESETS, TrainConfig
-from .unet_config import ConfigError, UNetConfig
+from .train_config import PRESETS
+from .unet_config import ConfigError, choices_of, is_flag
 
 
 class UsageError(ValueError):
@@ -45,12 +45,7 @@ def run_command(action: Callable[[argparse.Namespace], dict], args: argparse.Nam
     return 0
 
 
-# -- the training command line, generated from TrainConfig -----------------------------------------
-
-# Set by train.py from the data (channels; labels with --class-conditional), not by flags; and
-# train.py has no conditioning context to give a cross-attention model.
-NOT_FLAGS = {"model", "in_channels", "num_classes", "context_dim"}
-
+# -- flags generated from the config dataclasses ---------------------------------------------------
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -76,56 +71,42 @@ def _parser_for(annotation: Any):
     return parse
 
 
-def _add_fields(group, cls, defaults) -> list[str]:
-    hints = typing.get_type_hints(cls)
-    names = []
-    for field in dataclasses.fields(cls):
-        if field.name in NOT_FLAGS:
+def add_config_flags(group, defaults: Any) -> None:
+    """A flag for each field of the dataclass instance `defaults` that declares itself one (see
+    unet_config.setting). A flag left out is absent from the parsed arguments (see given_fields)."""
+    hints = typing.get_type_hints(type(defaults))
+    for field in dataclasses.fields(defaults):
+        if not is_flag(field):
             continue
-        names.append(field.name)
         default = getattr(defaults, field.name)
         if hints[field.name] is bool:
             group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=f"(default: {default})")
         else:
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            choices = CHOICES.get(field.name)
+            choices = choices_of(field)
             group.add_argument(_flag(field.name), type=_parser_for(hints[field.name]), choices=choices,
                                default=argparse.SUPPRESS, metavar="{" + ",".join(choices) + "}" if choices
                                else field.name.upper(), help=f"(default: {shown})")
-    return names
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
+def given_fields(args: argparse.Namespace, *classes: type) -> dict[str, Any]:
+    """The fields of the dataclasses `classes` that the command line gave, by name."""
+    names = {field.name for cls in classes for field in dataclasses.fields(cls)}
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
+def build_train_parser(description: str) -> argparse.ArgumentParser:
+    """train.py's flags: every TrainConfig and UNetConfig field the data does not decide, and --preset."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="the defaults every other flag overrides (shown below: digits). Without it, a "
                              "workdir that holds checkpoints gives the config it was saved with; others digits")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    _add_fields(parser.add_argument_group("training"), TrainConfig, PRESETS["digits"])
-    _add_fields(parser.add_argument_group("model"), UNetConfig, PRESETS["digits"].model)
+    add_config_flags(parser.add_argument_group("training"), PRESETS["digits"])
+    add_config_flags(parser.add_argument_group("model"), PRESETS["digits"].model)
     return parser
-
-
-# How this process joins a job: never taken from a saved config, which holds process 0's.
-PER_PROCESS_FIELDS = ("distributed", "coordinator_address", "num_processes", "process_id")
-
-
-def config_from_args(args: argparse.Namespace, saved: dict | None = None) -> TrainConfig:
-    """The defaults with every flag given on the command line applied over them: --preset's; without
-    it `saved` (the config of the checkpoints being resumed), so a run goes on with just --workdir;
-    else the digits preset's."""
-    if args.preset is None and saved is not None:
-        base = TrainConfig.from_dict(saved)
-        base = dataclasses.replace(base, **{name: getattr(PRESETS["digits"], name) for name in PER_PROCESS_FIELDS})
-    else:
-        base = PRESETS[args.preset or "digits"]
-    given = vars(args)
-    model_names = {f.name for f in dataclasses.fields(UNetConfig)}
-    model = dataclasses.replace(base.model, **{k: v for k, v in given.items() if k in model_names})
-    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
-    return dataclasses.replace(base, model=model, **{k: v for k, v in given.items() if k in train_names})
 
 
 # -- XLA:CPU --------------------------------------------------------------------------------------

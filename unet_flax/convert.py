@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from .diffusers_format import float32_array, from_diffusers, schedule_of, to_diffusers
+from .diffusers_format import from_diffusers, schedule_of, to_diffusers
 from .train_config import PRESETS, TrainConfig
 from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
+from .weights import Params, float32_array, flatten, unflatten, unwrap
 
 # nn.Embedding weights are (num_embeddings, dim) on both sides: the one 2-D weight not transposed.
 EMBEDDING_MODULES = frozenset({"label_embedding"})
@@ -27,7 +28,6 @@ EMBEDDING_MODULES = frozenset({"label_embedding"})
 _LIST_ENTRY = re.compile(r"^(.+)_(\d+)$")
 _SEQUENTIAL_LAYER = re.compile(r"^layers_(\d+)$")
 
-Params = dict[str, Any]
 
 
 def torch_key_to_flax_path(key: str) -> tuple[str, ...]:
@@ -86,31 +86,6 @@ def _torch_leaf(path: tuple[str, ...], array: np.ndarray) -> np.ndarray:
     raise ConversionError(f"Flax parameter {'/'.join(path)} with shape {array.shape} has no PyTorch counterpart")
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for name, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, (*prefix, name)))
-        else:
-            flat[(*prefix, name)] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = value
-    return tree
-
-
-def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Accept `variables` ({'params': ...}) as well as the params tree itself."""
-    return params["params"] if set(params) == {"params"} else params
-
-
 def torch_to_flax(state_dict: Mapping[str, Any], target: Mapping[str, Any] | None = None) -> Params:
     """A PyTorch reference state_dict -> the Flax params tree (nested dicts of numpy arrays).
 
@@ -124,8 +99,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], target: Mapping[str, Any] | Non
         leaf, converted = _flax_leaf(key, path[-1] if path else "", array)
         flat[(*path, leaf)] = np.ascontiguousarray(converted)
     if target is not None:
-        _check_against(flat, _flatten(_unwrap(target)))
-    return _unflatten(flat)
+        _check_against(flat, flatten(unwrap(target)))
+    return unflatten(flat)
 
 
 def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -135,7 +110,7 @@ def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """
     return {
         flax_path_to_torch_key(path): np.ascontiguousarray(_torch_leaf(path, float32_array(value)))
-        for path, value in _flatten(_unwrap(params)).items()
+        for path, value in flatten(unwrap(params)).items()
     }
 
 

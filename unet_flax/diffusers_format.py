@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
+from .weights import Params, float32_array, flatten, unwrap
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -69,8 +70,6 @@ DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}
 UP_BLOCKS = {"UpBlock2D": False, "AttnUpBlock2D": True}
 # Names of the attention weights before diffusers 0.14, which diffusers still renames on load.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-Params = dict[str, Any]
 
 
 # -- config ---------------------------------------------------------------------------------------
@@ -323,10 +322,8 @@ def params_from_diffusers(config: UNetConfig, state_dict: Mapping[str, Any],
 
     Every key is used once: an unknown, a missing or (with `expected`, the Flax params or their
     jax.eval_shape) a wrongly shaped one raises ConversionError naming the diffusers key."""
-    from .convert import _flatten, _unwrap  # convert imports this module
-
     arrays = rename_legacy_keys({key: float32_array(value) for key, value in state_dict.items()})
-    flat_expected = _flatten(_unwrap(expected)) if expected is not None else None
+    flat_expected = flatten(unwrap(expected)) if expected is not None else None
     params: Params = {}
     for module, path, kind in module_pairs(config):
         keys = [f"{module}.{name}" for name in KIND_KEYS[kind]]
@@ -353,7 +350,7 @@ def params_from_diffusers(config: UNetConfig, state_dict: Mapping[str, Any],
 
 def params_to_diffusers(config: UNetConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The Flax params tree -> UNet2DModel's state_dict as numpy arrays (diffusers' current names)."""
-    params = params["params"] if set(params) == {"params"} else params
+    params = unwrap(params)
     state_dict = {}
     for module, path, kind in module_pairs(config):
         node = params
@@ -363,14 +360,6 @@ def params_to_diffusers(config: UNetConfig, params: Mapping[str, Any]) -> dict[s
         for name, value in zip(KIND_KEYS[kind], _to_diffusers(kind, leaves)):
             state_dict[f"{module}.{name}"] = np.ascontiguousarray(value)
     return state_dict
-
-
-def float32_array(value: Any) -> np.ndarray:
-    """A weight as float32 numpy, whatever it was stored as (float16 and bfloat16 included: the params
-    and the optimiser state are float32; `dtype` only sets the computation)."""
-    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch; numpy has no bfloat16
-        value = value.detach().float().cpu().numpy()
-    return np.asarray(value, np.float32)
 
 
 # -- scheduler ------------------------------------------------------------------------------------

@@ -20,6 +20,16 @@ Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]  # (x_t, t) -> model output
 
 
+def from_uint8(images):
+    """uint8 pixels -> float32 in [-1, 1], the range diffusion runs in (numpy or JAX arrays)."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+    """[-1, 1] -> uint8 pixels, rounded and clipped, on the host."""
+    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
 def beta_schedule(name: str, timesteps: int = 1000) -> np.ndarray:
     """float64 betas: 'linear' (DDPM, 1e-4..0.02 at T=1000) or 'cosine' (improved DDPM)."""
     if name == "linear":

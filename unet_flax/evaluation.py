@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import input_pipeline
+from . import diffusion, input_pipeline
+from .unet_config import ConfigError
 
 HELD_OUT = 450  # of the 1,797 digits; the other 1,347 train the classifier (and the diffusion model sees all)
 SPLIT_SEED = 0
@@ -53,7 +54,7 @@ class DigitClassifier(nn.Module):
 def train_classifier(image_size: int, steps: int = 1500, seed: int = 0) -> dict:
     """Train on the training split, with small random shifts so features do not key on position."""
     train, _ = digits_split(image_size)
-    images = input_pipeline.to_model_range(train.images)
+    images = diffusion.from_uint8(train.images)
     model = DigitClassifier()
     key = jax.random.PRNGKey(seed)
     params = model.init(key, images[:1])["params"]
@@ -105,7 +106,7 @@ def features_and_predictions(params: dict, images_uint8: np.ndarray) -> tuple[np
     apply = jax.jit(lambda x: DigitClassifier().apply({"params": params}, x))
     features, predictions = [], []
     for start in range(0, len(images_uint8), 500):
-        f, logits = apply(input_pipeline.to_model_range(images_uint8[start:start + 500]))
+        f, logits = apply(diffusion.from_uint8(images_uint8[start:start + 500]))
         features.append(np.asarray(f, np.float64))
         predictions.append(np.asarray(jnp.argmax(logits, -1)))
     return np.concatenate(features), np.concatenate(predictions)
@@ -122,6 +123,27 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     trace_root = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)))
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
+
+
+def check_sample_count(num_samples: int) -> None:
+    if num_samples < 2:
+        raise ConfigError(f"num_samples must be >= 2 for a Frechet distance, got {num_samples}")
+
+
+def sample_quality(images: np.ndarray, labels: np.ndarray | None) -> dict[str, float | None]:
+    """Frechet distance of uint8 digit samples to the held-out digits, the real-data floor and their
+    ratio, and (with `labels`, the classes asked for) the share the classifier reads as asked."""
+    check_sample_count(len(images))
+    classifier = classifier_params(images.shape[1])
+    train, held_out = digits_split(images.shape[1])
+    train_features, _ = features_and_predictions(classifier, train.images)
+    held_out_features, held_out_predictions = features_and_predictions(classifier, held_out.images)
+    sample_features, sample_predictions = features_and_predictions(classifier, images)
+    fd = frechet_distance(sample_features, held_out_features)
+    floor = frechet_distance(train_features, held_out_features)
+    return {"fd": round(fd, 4), "fd_real_floor": round(floor, 4), "fd_ratio": round(fd / floor, 3),
+            "class_agreement": None if labels is None else float(np.mean(sample_predictions == labels)),
+            "classifier_held_out_accuracy": float(np.mean(held_out_predictions == held_out.labels))}
 
 if __name__ == "__main__":
     # Retrain the shipped 16x16 classifier (deterministic on a given machine).

@@ -486,15 +486,6 @@ def batches_from(dataset: grain.MapDataset, start: int, workers: int) -> Iterato
     return iter(iterable)
 
 
-def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
-    return images_uint8.astype(np.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8, clipped."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
 def main(argv: list[str] | None = None) -> int:
     from .cli import UsageError, run_command
 

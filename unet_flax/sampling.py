@@ -1,21 +1,77 @@
-"""Generating images from a trained UNet: classifier-free guidance around the diffusion sampler."""
+"""Generating images from a trained UNet: classifier-free guidance around the diffusion sampler.
+
+    samples = sample_from_checkpoint("runs/digits", SamplingConfig(labels=(3, 7), guidance_scale=3.0))
+    samples.images  # uint8 NHWC
+
+`sample(params, train_config, sampling_config)` does the same for weights in hand (train.py's grids).
+"""
 from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
 from tqdm import tqdm
 
 from . import diffusion
-from .input_pipeline import to_uint8
+from .checkpoint import load_params
 from .model import UNet
-from .train_config import TrainConfig
-from .unet_config import ConfigError, UNetConfig
+from .train_config import TrainConfig, check_sampling_steps
+from .training import DATA_AXIS
+from .unet_config import ConfigError, UNetConfig, check_choices, require_null_label, setting
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """What to sample from a trained model, and how (sample.py's and evaluate.py's flags)."""
+
+    num_samples: int = 100
+    # ddpm: ancestral, over every training step (eta 1); ddim: sampling_steps, eta
+    sampler: str = setting("ddim", choices=SAMPLERS)
+    sampling_steps: int = 50
+    eta: float = 0.0
+    # DDIM's timesteps: evenly from T-1 to 0, or diffusers' leading or trailing
+    timestep_spacing: str = setting("linspace", choices=diffusion.TIMESTEP_SPACINGS)
+    guidance_scale: float | None = None  # classifier-free guidance; None: the training config's
+    labels: tuple[int, ...] | None = None  # class labels, cycled to num_samples; None: every class, a row each
+    seed: int = 0
+    batch_size: int = 100
+    step: int | None = None  # the checkpoint's; None: the latest
+    ema: bool = True  # the EMA weights, else the raw parameters
+
+    def __post_init__(self) -> None:
+        if self.labels is not None:  # lists from JSON or Python: stored as a tuple, so the config stays hashable
+            object.__setattr__(self, "labels", tuple(int(label) for label in self.labels))
+            if not self.labels:
+                raise ConfigError("labels is empty: name at least one class, or leave labels out for every class")
+        for name in ("num_samples", "sampling_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.eta >= 0:
+            raise ConfigError(f"eta must be >= 0, got {self.eta}")
+        check_choices(self)
+
+    @classmethod
+    def during_training(cls, config: TrainConfig) -> "SamplingConfig":
+        """train.py's grids: the config's samples, steps and guidance, in one batch, from seed + 1."""
+        return cls(num_samples=config.num_samples, sampling_steps=config.sampling_steps,
+                   guidance_scale=config.guidance_scale, seed=config.seed + 1, batch_size=config.num_samples)
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    images: np.ndarray  # uint8, NHWC
+    labels: np.ndarray | None  # the class of each image; None for an unconditional model
+    columns: int | None  # a grid's row length: one row per class when no labels were asked for
+    config: TrainConfig  # the model's
+    settings: dict[str, Any]  # what was sampled, as a report shows it
 
 
 def for_this_backend(model: UNetConfig) -> UNetConfig:
@@ -25,15 +81,46 @@ def for_this_backend(model: UNetConfig) -> UNetConfig:
     return dataclasses.replace(model, dtype=dtype, attention_impl="auto", remat=False)
 
 
-def guidance_scale_for(config: TrainConfig, requested: float | None) -> float:
-    """The guidance scale to sample with: the requested one, else the training config's. A model
-    without a null label (as imported from diffusers) has no unconditional half to guide against."""
-    scale = config.guidance_scale if requested is None else requested
-    model = config.model
-    if scale != 1.0 and model.num_classes is not None and not model.null_label:
-        raise ConfigError(f"guidance scale {scale} needs the null label, and this model has none "
-                          f"(null_label=False): use --guidance-scale 1")
-    return scale
+def sample_from_checkpoint(workdir: str | Path, sampling: SamplingConfig, progress: bool = False) -> Samples:
+    """Samples from a workdir's checkpoint (sampling.step, else the latest), as `sample` makes them."""
+    params, config, step = load_params(workdir, sampling.step, sampling.ema)
+    samples = sample(params, TrainConfig.from_dict(config), sampling, progress)
+    return dataclasses.replace(samples, settings={"workdir": str(workdir), "step": step, **samples.settings})
+
+
+def sample(params: Any, config: TrainConfig, sampling: SamplingConfig, progress: bool = False) -> Samples:
+    """`sampling.num_samples` images from `config`'s model with these weights. Batch i draws from
+    fold_in(PRNGKey(seed), i * batch_size), so a seed gives the same images whatever the devices."""
+    model = for_this_backend(config.model)
+    num_steps, eta = ((config.timesteps, 1.0) if sampling.sampler == "ddpm"
+                      else (sampling.sampling_steps, sampling.eta))
+    check_sampling_steps(num_steps, config.timesteps)
+    labels, columns = class_labels(sampling, model.num_classes)
+    guidance = config.guidance_scale if sampling.guidance_scale is None else sampling.guidance_scale
+    if labels is not None:
+        require_null_label("guidance_scale", guidance, 1.0, model)
+    config = dataclasses.replace(config, model=model)
+    images = _generate_in_batches(params, config, labels, num_steps=num_steps, eta=eta, guidance_scale=guidance,
+                                  sampling=sampling, progress=progress)
+    settings = {"num_samples": len(images), "sampler": sampling.sampler, "sampling_steps": num_steps, "eta": eta,
+                "timestep_spacing": sampling.timestep_spacing,
+                "guidance_scale": guidance if labels is not None else None, "seed": sampling.seed,
+                "ema": sampling.ema}
+    return Samples(images, labels, columns, config, settings)
+
+
+def class_labels(sampling: SamplingConfig, num_classes: int | None) -> tuple[np.ndarray | None, int | None]:
+    """The label of each sample, and a grid's row length where every class gets a row."""
+    if num_classes is None:
+        if sampling.labels is not None:
+            raise ConfigError("labels given, but this model is unconditional (trained without class_conditional)")
+        return None, None
+    if sampling.labels is None:
+        return rows_per_class(num_classes, sampling.num_samples)
+    bad = [label for label in sampling.labels if not 0 <= label < num_classes]
+    if bad:
+        raise ConfigError(f"label {bad[0]} out of range: this model has classes 0..{num_classes - 1}")
+    return np.resize(np.asarray(sampling.labels, np.int32), sampling.num_samples), None
 
 
 def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scale: float,
@@ -43,9 +130,7 @@ def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scal
     num_classes = model.config.num_classes
     if labels is None or num_classes is None or guidance_scale == 1.0:
         return lambda x, t: model.apply({"params": params}, x, t, labels, context)
-    if not model.config.null_label:
-        raise ValueError(f"guidance_scale {guidance_scale} needs the null label, and the model has "
-                         f"null_label=False: sample with guidance_scale 1")
+    require_null_label("guidance_scale", guidance_scale, 1.0, model.config)
 
     def pairs(a: jax.Array, b: jax.Array) -> jax.Array:
         # Example i's two halves at rows 2i and 2i+1: a batch sharded over devices keeps each pair on one.
@@ -87,27 +172,26 @@ def generate(params, key: jax.Array, labels: jax.Array | None, *, model_config: 
     return diffusion.sample(denoise, schedule, x_T, step_key, num_steps, eta, prediction, timestep_spacing)
 
 
-def sample_images(params, config, num_samples: int, labels: np.ndarray | None, num_steps: int, eta: float,
-                  guidance_scale: float, seed: int, batch_size: int, progress: bool = False,
-                  timestep_spacing: str = "linspace") -> np.ndarray:
-    """`num_samples` uint8 NHWC images from a TrainConfig's model, in batches; batch i draws from
-    fold_in(PRNGKey(seed), i * batch_size), so a seed always gives the same images."""
+def _generate_in_batches(params, config: TrainConfig, labels: np.ndarray | None, *, num_steps: int, eta: float,
+                         guidance_scale: float, sampling: SamplingConfig, progress: bool) -> np.ndarray:
     m = config.model
     images = []
+    num_samples, batch_size = sampling.num_samples, sampling.batch_size
     starts = range(0, num_samples, batch_size)
     devices = jax.local_device_count()  # this process's own: in a multi-host job one process samples
-    mesh = Mesh(np.asarray(jax.local_devices()), ("data",))
+    mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
     if devices > 1:
         params = jax.device_put(params, NamedSharding(mesh, P()))
     for start in tqdm(starts, unit="batch", disable=not progress or len(starts) == 1):
         count = min(batch_size, num_samples - start)
         # Spread the batch over the devices where it divides evenly; the images do not change.
-        sharding = NamedSharding(mesh, P("data")) if devices > 1 and count % devices == 0 else None
+        sharding = NamedSharding(mesh, P(DATA_AXIS)) if devices > 1 and count % devices == 0 else None
         batch_labels = None if labels is None else jnp.asarray(labels[start:start + count])
-        out = generate(params, jax.random.fold_in(jax.random.PRNGKey(seed), start), batch_labels, model_config=m,
-                       shape=(count, m.image_size, m.image_size, m.in_channels), num_steps=num_steps, eta=eta,
-                       guidance_scale=guidance_scale, schedule_name=config.noise_schedule,
-                       timesteps=config.timesteps, prediction=config.prediction,
-                       timestep_spacing=timestep_spacing, batch_sharding=sharding)
-        images.append(to_uint8(out))
+        out = generate(params, jax.random.fold_in(jax.random.PRNGKey(sampling.seed), start), batch_labels,
+                       model_config=m, shape=(count, m.image_size, m.image_size, m.in_channels),
+                       num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                       schedule_name=config.noise_schedule, timesteps=config.timesteps,
+                       prediction=config.prediction, timestep_spacing=sampling.timestep_spacing,
+                       batch_sharding=sharding)
+        images.append(diffusion.to_uint8(out))
     return np.concatenate(images)

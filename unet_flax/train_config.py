@@ -1,4 +1,5 @@
-"""The training configuration: `TrainConfig`, a frozen dataclass holding the `UNetConfig`, and its presets.
+"""The training configuration: `TrainConfig`, a frozen dataclass holding the `UNetConfig`, its presets,
+and how a command line's flags, a preset, a saved config and the data become one config.
 
 `unet_flax.cli` turns every field into a command-line flag.
 """
@@ -7,59 +8,66 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .unet_config import MODEL_CHOICES, ConfigError, UNetConfig
+from .diffusion import PREDICTIONS, SCHEDULES
+from .unet_config import (FREE, PER_PROCESS, ConfigError, UNetConfig, check_choices, fields_resumed,
+                          require_null_label, setting)
 
 LR_SCHEDULES = ("constant", "cosine")
 PARALLEL = ("pmap", "jit")
-CHOICES = {"lr_schedule": LR_SCHEDULES, "parallel": PARALLEL, "noise_schedule": ("linear", "cosine"),
-           "prediction": ("epsilon", "v"), **MODEL_CHOICES}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: UNetConfig = UNetConfig()
+    """Every setting of a training run. Each field says (see `setting`) whether it is a command-line
+    flag, its allowed values, and whether a resumed run may change it."""
+
+    model: UNetConfig = setting(UNetConfig(), flag=False)  # its fields are flags of their own
     # data
-    workdir: str = "runs/digits"
+    workdir: str = setting("runs/digits", resume=FREE)
     data: str | None = None  # None: scikit-learn's digits; a folder of images, an .npz, or CIFAR-10 batches
     class_conditional: bool = False  # num_classes from the data's labels; trained with label dropout for CFG
     label_dropout: float = 0.1
     hflip: bool = False
-    data_workers: int | None = None  # grain processes decoding images; None: one per core, none for in-memory data
-    skip_bad_images: bool = False  # pass over unreadable images (counted in metrics.jsonl) instead of stopping
+    # grain processes decoding images; None: one per core, none for in-memory data
+    data_workers: int | None = setting(None, resume=FREE)
+    # pass over unreadable images (counted in metrics.jsonl) instead of stopping
+    skip_bad_images: bool = setting(False, resume=FREE)
     # optimisation
-    steps: int = 1000
+    steps: int = setting(1000, resume=FREE)
     batch_size: int = 64  # global, over all devices and hosts
-    lr: float = 1e-3
-    lr_schedule: str = "constant"
-    warmup_steps: int = 100
-    weight_decay: float = 0.0
-    adam_b1: float = 0.9
-    adam_b2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clipping; 0 turns it off
-    ema_decay: float = 0.999
-    skip_nonfinite: bool = False  # skip steps with a NaN/inf loss or gradient instead of stopping
+    lr: float = setting(1e-3, resume=FREE)
+    lr_schedule: str = setting("constant", resume=FREE, choices=LR_SCHEDULES)
+    warmup_steps: int = setting(100, resume=FREE)
+    weight_decay: float = setting(0.0, resume=FREE)
+    adam_b1: float = setting(0.9, resume=FREE)
+    adam_b2: float = setting(0.999, resume=FREE)
+    adam_eps: float = setting(1e-8, resume=FREE)
+    grad_clip: float = setting(1.0, resume=FREE)  # global-norm clipping; 0 turns it off
+    ema_decay: float = setting(0.999, resume=FREE)
+    # skip steps with a NaN/inf loss or gradient instead of stopping
+    skip_nonfinite: bool = setting(False, resume=FREE)
     # diffusion
-    noise_schedule: str = "linear"
+    noise_schedule: str = setting("linear", choices=SCHEDULES)
     timesteps: int = 1000
-    prediction: str = "epsilon"
-    min_snr_gamma: float | None = None
+    prediction: str = setting("epsilon", choices=PREDICTIONS)
+    min_snr_gamma: float | None = setting(None, resume=FREE)
     # sampling during training
-    sample_every: int = 0  # 0: only at the end
-    num_samples: int = 100
-    sampling_steps: int = 50
-    guidance_scale: float = 2.0
+    sample_every: int = setting(0, resume=FREE)  # 0: only at the end
+    num_samples: int = setting(100, resume=FREE)
+    sampling_steps: int = setting(50, resume=FREE)
+    guidance_scale: float = setting(2.0, resume=FREE)
     # running
-    parallel: str = "pmap"
+    parallel: str = setting("pmap", resume=FREE, choices=PARALLEL)
     seed: int = 0
-    save_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 50
-    resume: bool = True
-    distributed: bool = False  # jax.distributed.initialize(); its flags or the cluster's environment
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    save_every: int = setting(500, resume=FREE)
+    keep_checkpoints: int = setting(3, resume=FREE)
+    log_every: int = setting(50, resume=FREE)
+    resume: bool = setting(True, resume=FREE)
+    # jax.distributed.initialize(); its flags or the cluster's environment
+    distributed: bool = setting(False, resume=PER_PROCESS)
+    coordinator_address: str | None = setting(None, resume=PER_PROCESS)
+    num_processes: int | None = setting(None, resume=PER_PROCESS)
+    process_id: int | None = setting(None, resume=PER_PROCESS)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "timesteps", "num_samples", "sampling_steps", "log_every",
@@ -71,9 +79,7 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name, allowed in CHOICES.items():
-            if hasattr(self, name) and getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(self)
         for name in ("label_dropout", "ema_decay", "adam_b1", "adam_b2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -87,13 +93,10 @@ class TrainConfig:
         if self.model.out_channels != self.model.in_channels:
             raise ConfigError(f"model out_channels {self.model.out_channels} differs from in_channels "
                               f"{self.model.in_channels}: diffusion predicts noise shaped like its input")
-        if self.class_conditional and not self.model.null_label:
-            for name, neutral in (("label_dropout", 0.0), ("guidance_scale", 1.0)):
-                if getattr(self, name) != neutral:
-                    raise ConfigError(f"{name} {getattr(self, name)} needs the null label, and the model has "
-                                      f"null_label=False: set {name} to {neutral}")
-        if self.sampling_steps > self.timesteps:
-            raise ConfigError(f"sampling_steps {self.sampling_steps} exceeds timesteps {self.timesteps}")
+        if self.class_conditional:
+            require_null_label("label_dropout", self.label_dropout, 0.0, self.model)
+            require_null_label("guidance_scale", self.guidance_scale, 1.0, self.model)
+        check_sampling_steps(self.sampling_steps, self.timesteps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,6 +105,11 @@ class TrainConfig:
     def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
         fields = dict(fields)
         return cls(model=UNetConfig.from_dict(fields.pop("model")), **fields)
+
+
+def check_sampling_steps(sampling_steps: int, timesteps: int) -> None:
+    if sampling_steps > timesteps:
+        raise ConfigError(f"sampling_steps {sampling_steps} exceeds the model's {timesteps} timesteps")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -118,3 +126,36 @@ PRESETS: dict[str, TrainConfig] = {
         workdir="runs/cifar10", hflip=True, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000,
         grad_clip=1.0, ema_decay=0.9999, save_every=5000, sample_every=20_000, num_samples=64),
 }
+
+
+def resolve_config(overrides: dict[str, Any], preset: str | None = None, saved: dict[str, Any] | None = None,
+                   backend: str = "cpu") -> TrainConfig:
+    """The config a command line asks for: the defaults (`preset`'s; without one the `saved` config of
+    the checkpoints being resumed, all but its PER_PROCESS fields; else the digits preset's) with
+    `overrides` (field name -> value, the model's fields among them) applied. The model's dtype,
+    unless overridden, is the backend's: bfloat16 compute on GPU and TPU, float32 on the CPU."""
+    if preset is None and saved is not None:
+        base = TrainConfig.from_dict(saved)
+        base = dataclasses.replace(base, **{name: getattr(PRESETS["digits"], name)
+                                            for name in fields_resumed(TrainConfig, PER_PROCESS)})
+    else:
+        base = PRESETS[preset or "digits"]
+    overrides = dict(overrides)
+    overrides.setdefault("dtype", "float32" if backend == "cpu" else "bfloat16")
+    model_names = {f.name for f in dataclasses.fields(UNetConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    unknown = sorted(overrides.keys() - model_names - train_names)
+    if unknown:
+        raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+    model = dataclasses.replace(base.model, **{k: v for k, v in overrides.items() if k in model_names})
+    return dataclasses.replace(base, model=model, **{k: v for k, v in overrides.items() if k in train_names})
+
+
+def fit_to_data(config: TrainConfig, channels: int, num_classes: int | None, source: str) -> TrainConfig:
+    """What the data decides: the model's input and output channels, and its classes (with
+    class_conditional, which needs labelled data)."""
+    if config.class_conditional and num_classes is None:
+        raise ConfigError(f"class_conditional needs labels, and {source} has none")
+    model = dataclasses.replace(config.model, in_channels=channels, out_channels=channels,
+                                num_classes=num_classes if config.class_conditional else None)
+    return dataclasses.replace(config, model=model)

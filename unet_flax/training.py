@@ -67,9 +67,12 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
                                          eps=config.adam_eps, weight_decay=config.weight_decay, mask=decays))
 
 
-def ema_decay(config: TrainConfig, step: jax.Array) -> jax.Array:
-    """config.ema_decay, warmed up as (1 + step) / (10 + step) so early averages are not all init."""
-    return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
+def ema_decay(max_decay: float, applied_steps: jax.Array | int) -> jax.Array | float:
+    """The EMA's decay after `applied_steps` updates: max_decay, warmed up as (1 + step) / (10 + step)
+    so that early averages are not all initialisation. A Python number for a Python step (the
+    PyTorch benchmark's)."""
+    warm_up = (1.0 + applied_steps) / (10.0 + applied_steps)
+    return min(max_decay, warm_up) if isinstance(warm_up, float) else jnp.minimum(max_decay, warm_up)
 
 
 def example_inputs(config: TrainConfig | UNetConfig, batch_size: int = 1) -> tuple:
@@ -126,7 +129,7 @@ def make_train_step(config: TrainConfig) -> StepFn:
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         images = batch["image"]
         if images.dtype == jnp.uint8:  # batches leave the host as uint8 and are scaled here, on the device
-            images = images.astype(jnp.float32) / 127.5 - 1.0
+            images = diffusion.from_uint8(images)
         local_batch = images.shape[0]
         step_key = jax.random.fold_in(rng, state.step)
         example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
@@ -154,7 +157,7 @@ def make_train_step(config: TrainConfig) -> StepFn:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params,
-                                              1.0 - ema_decay(config, state.applied_steps))
+                                              1.0 - ema_decay(config.ema_decay, state.applied_steps))
         applied = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
 
         # A non-finite loss or gradient leaves parameters, optimiser and EMA as they were (nothing poisoned

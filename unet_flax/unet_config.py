@@ -28,9 +28,46 @@ TIMESTEP_EMBEDDING_ORDERS = ("cos_sin", "sin_cos")
 # The stride-2 convolution's zero padding: one row/column on every side, or only after the last
 # (diffusers' downsample_padding=0).
 DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
-# The string fields of UNetConfig and their values (the command line's choices too).
-MODEL_CHOICES = {"dtype": DTYPES, "attention_impl": ATTENTION_IMPLEMENTATIONS, "time_conditioning": TIME_CONDITIONINGS,
-                 "timestep_embedding_order": TIMESTEP_EMBEDDING_ORDERS, "downsample_padding": DOWNSAMPLE_PADDINGS}
+
+# What may change when a run resumes from a checkpoint: FIXED fields define the network, or which
+# batches and noise the remaining steps see; FREE ones may change (learning rate, steps, logging,
+# dtype, the driver); PER_PROCESS ones say how this process joins a job, never read from a saved config.
+FIXED, FREE, PER_PROCESS = "fixed", "free", "per_process"
+
+
+def setting(default: Any, *, resume: str = FIXED, choices: tuple[str, ...] | None = None,
+            flag: bool = True) -> Any:
+    """A config field with what the command line and resuming need to know of it: whether it is a
+    flag (not when the data decides it), its allowed values, and its resume policy."""
+    return dataclasses.field(default=default, metadata={"resume": resume, "choices": choices, "flag": flag})
+
+
+def choices_of(field: dataclasses.Field) -> tuple[str, ...] | None:
+    return field.metadata.get("choices")
+
+
+def is_flag(field: dataclasses.Field) -> bool:
+    return field.metadata.get("flag", True)
+
+
+def fields_resumed(cls: type, policy: str) -> tuple[str, ...]:
+    """The names of `cls`'s fields with this resume policy (a field that declares none is FIXED)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume", FIXED) == policy)
+
+
+def check_choices(config: Any) -> None:
+    for field in dataclasses.fields(config):
+        allowed = choices_of(field)
+        if allowed is not None and getattr(config, field.name) not in allowed:
+            raise ConfigError(f"{field.name} must be one of {allowed}, got {getattr(config, field.name)!r}")
+
+
+def require_null_label(name: str, value: float, neutral: float, model: "UNetConfig") -> None:
+    """Classifier-free guidance and label dropout use the null label: a labelled model without one
+    (as imported from diffusers) takes neither."""
+    if value != neutral and model.num_classes is not None and not model.null_label:
+        raise ConfigError(f"{name} {value} needs the null label, and this model has none (null_label=False): "
+                          f"set {name} to {neutral}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +89,8 @@ class UNetConfig:
     which levels carry attention.
     """
 
-    in_channels: int = 3
-    out_channels: int | None = None  # None: the same as in_channels
+    in_channels: int = setting(3, flag=False)  # the data's
+    out_channels: int | None = setting(None, flag=False)  # None: the same as in_channels
     base_channels: int = 64
     channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 2
@@ -62,22 +99,22 @@ class UNetConfig:
     num_heads: int = 8
     num_groups: int = 32
     dropout: float = 0.0
-    num_classes: int | None = None  # labels 0..num_classes-1, plus num_classes as the null label
-    context_dim: int | None = None  # width of the cross-attention context
-    dtype: str = "float32"  # computation dtype of the Flax model; parameters stay float32
+    num_classes: int | None = setting(None, flag=False)  # labels 0..num_classes-1, plus num_classes as the null label
+    context_dim: int | None = setting(None, flag=False)  # width of the cross-attention context (none in train.py)
+    dtype: str = setting("float32", resume=FREE, choices=DTYPES)  # computation dtype of the Flax model; parameters stay float32
     # jax.nn.dot_product_attention's implementation; 'auto': cuDNN's fused attention where it applies
     # (a CUDA GPU, bf16/fp16, a head size it accepts), XLA elsewhere. Weights do not depend on it.
-    attention_impl: str = "auto"
-    remat: bool = False  # recompute each block in the backward pass to save memory
+    attention_impl: str = setting("auto", resume=FREE, choices=ATTENTION_IMPLEMENTATIONS)
+    remat: bool = setting(False, resume=FREE)  # recompute each block in the backward pass to save memory
     # The variants of diffusers' UNet2DModel; the defaults are this project's own U-Net.
-    time_conditioning: str = "scale_shift"
+    time_conditioning: str = setting("scale_shift", choices=TIME_CONDITIONINGS)
     norm_eps: float = 1e-5  # every GroupNorm's epsilon (torch.nn.GroupNorm's default)
-    timestep_embedding_order: str = "cos_sin"
+    timestep_embedding_order: str = setting("cos_sin", choices=TIMESTEP_EMBEDDING_ORDERS)
     timestep_frequency_shift: float = 0.0  # frequencies exp(-ln(10000) i / (dim/2 - shift))
     head_dim: int | None = None  # channels per attention head; when set, num_heads is not used
     mid_attention: bool = True  # self-attention between the two middle residual blocks
     mid_attention_norm: bool = True  # the middle attention's GroupNorm (diffusers' scale-shift models have none)
-    downsample_padding: str = "symmetric"
+    downsample_padding: str = setting("symmetric", choices=DOWNSAMPLE_PADDINGS)
     center_input: bool = False  # x -> 2x - 1 before conv_in, for models trained on [0, 1] inputs
     mid_block_scale_factor: float = 1.0  # the middle blocks divide their residual sums by it
     null_label: bool = True  # a label embedding for "no label" (classifier-free guidance), as num_classes
@@ -103,9 +140,7 @@ class UNetConfig:
             raise ConfigError(f"num_classes must be positive or None, got {self.num_classes}")
         if self.context_dim is not None and self.context_dim < 1:
             raise ConfigError(f"context_dim must be positive or None, got {self.context_dim}")
-        for name, allowed in MODEL_CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_choices(self)
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
         if not self.mid_block_scale_factor > 0:

@@ -1,0 +1,56 @@
+"""Train the diffusion U-Net.
+
+    python train.py                          # the digits demo on this machine's devices
+    python train.py --preset cifar10 --data /path/to/cifar-10-batches-py --parallel jit
+
+Every field of the config is a flag (`python train.py --help`). A workdir that holds checkpoints
+is resumed from its latest one, with the config saved there as the defaults (unless --preset):
+`python train.py --workdir W --steps N` trains on. The last line printed is a JSON summary of the run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import jax
+
+from unet_flax import input_pipeline, trainer
+from unet_flax.checkpoint import SaveError, saved_config
+from unet_flax.cli import build_train_parser, given_fields, run_command, use_xla_cpu_convolutions
+from unet_flax.train_config import PRESETS, TrainConfig, resolve_config
+from unet_flax.unet_config import UNetConfig
+
+
+def run(args: argparse.Namespace) -> dict:
+    given = given_fields(args, TrainConfig, UNetConfig)
+    if given.get("distributed"):  # first: which process this is decides how the saved config is read
+        trainer.join_job(given.get("coordinator_address"), given.get("num_processes"), given.get("process_id"))
+    saved = saved_config(given.get("workdir", PRESETS["digits"].workdir)) if args.preset is None else None
+    config = resolve_config(given, args.preset, saved, jax.default_backend())
+    return trainer.train(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_train_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    use_xla_cpu_convolutions()
+    cache = os.environ.get("UNET_FLAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "unet_flax" / "xla"))
+    jax.config.update("jax_compilation_cache_dir", cache)  # a restarted run does not compile again
+    # Also the many small programs (placing the state, checkpointing), about 30 ms each to compile.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        code = run_command(run, args, (trainer.TrainingError, SaveError, input_pipeline.DataError))
+    except BaseException:
+        if jax.distributed.is_initialized():  # the peers are stopping: no shutdown barrier to wait in
+            traceback.print_exc()
+            trainer.end_failed_job(1)
+        raise
+    if code and jax.distributed.is_initialized():
+        trainer.end_failed_job(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

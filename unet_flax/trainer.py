@@ -1,0 +1,461 @@
+"""The training loop: `train(config)` runs a TrainConfig in its workdir and returns a summary.
+
+    from unet_flax.train_config import PRESETS
+    from unet_flax.trainer import train
+    summary = train(PRESETS["digits"], workdir="runs/my_digits")
+
+A workdir that holds checkpoints is resumed from its newest one that restores (the config must
+agree with the one saved there in its FIXED fields); the data decides the model's channels and
+classes. The loop's parts: the device feed that reads batches ahead, the metrics (metrics.jsonl,
+TensorBoard), SIGTERM (a checkpoint, then a clean stop), the restore that tells a damaged checkpoint
+from a machine's failure, and, with several processes, one process's failure stopping them all.
+`python train.py` is this function behind a command line (unet_flax/scripts/train.py).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from . import input_pipeline, training
+from .checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields, is_damage
+from .sampling import SamplingConfig, sample
+from .train_config import TrainConfig, fit_to_data
+from .unet_config import ConfigError
+from .visualize import save_grid, save_loss_curve
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, unusable workdir): exit code 1."""
+
+
+def sample_grid(config: TrainConfig, ema_params, path: Path) -> None:
+    """A grid of EMA samples: one row per class (guided) for class-conditional models."""
+    samples = sample(ema_params, config, SamplingConfig.during_training(config))
+    save_grid(samples.images, path, samples.columns)
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard event files in the workdir, written by process 0 only."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self._end_partial_line()
+
+    def _end_partial_line(self) -> None:
+        """A run killed mid-write (or a full disk) can leave a partial last line: end it, so the next
+        row starts a line of its own (history() skips the partial one)."""
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for name, value in values.items():
+            self.writer.add_scalar(f"train/{name}", value, step)
+
+    def history(self) -> tuple[list[int], list[float]]:
+        if not self.path.exists():
+            return [], []
+        rows = []
+        for number, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                row = None
+                print(f"warning: {self.path} line {number} is not a whole JSON row (an interrupted write?); "
+                      f"skipped", file=sys.stderr)
+            if isinstance(row, dict) and "step" in row and "loss" in row:
+                rows.append(row)
+        latest = {row["step"]: row["loss"] for row in rows}  # a resumed run may rewrite a step
+        steps = sorted(latest)
+        return steps, [latest[s] for s in steps]
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MetricsAccumulator:
+    """The step metrics of one log interval, summed on the device so the loop never waits for the host."""
+
+    def __init__(self):
+        self.first_nonfinite = jnp.full((), -1, jnp.int32)  # this run's first non-finite step, -1: none
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.start, self.last = jnp.zeros(()), 0, time.time(), None
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.loss_sum = self.loss_sum + metrics["loss"]
+        self.first_nonfinite = jnp.where((self.first_nonfinite < 0) & (metrics["nonfinite"] > 0), step,
+                                         self.first_nonfinite)
+        self.steps, self.last = self.steps + 1, metrics
+
+    def read(self, batch_size: int) -> dict[str, float]:
+        """Host values of the interval (mean loss, the last step's other metrics, img/s), then reset."""
+        values = {k: float(v) for k, v in jax.device_get(self.last).items() if k != "nonfinite"}
+        values["loss"] = float(self.loss_sum) / self.steps
+        values["img_per_s"] = self.steps * batch_size / (time.time() - self.start)
+        self.reset()
+        return values
+
+
+class StopSignal:
+    """SIGTERM, what clusters send before preemption. One process keeps a flag; several processes use
+    JAX's preemption sync point, so all stop after the same step whichever of them got the signal."""
+
+    def __init__(self):
+        self.several_processes = jax.process_count() > 1
+        self.received = False
+        self.previous_handler = None
+        # JAX's preemption notifier owns SIGTERM across processes; Python lets only the main thread set handlers.
+        if not self.several_processes and threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, self._receive)
+
+    def _receive(self, *_) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after `step`; called after every step, by every process."""
+        if self.several_processes:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def close(self) -> None:
+        """SIGTERM's handler as it was before the run (train() may be called in a longer-lived program)."""
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+
+
+class DeviceFeed:
+    """Batches on their way to the devices ahead of the step that needs them, so that reading, decoding
+    and the transfer of the next batches overlap the current step. Its state, saved with checkpoints,
+    is the number of batches consumed (and the unreadable images passed over so far)."""
+
+    def __init__(self, dataset, workers: int, parallel: training.Parallel, state: dict, depth: int = 2):
+        self.consumed = int(state.get("next_index", 0))
+        self.bad_images = int(state.get("bad_images", 0))
+        self.batches = input_pipeline.batches_from(dataset, self.consumed, workers)
+        self.parallel, self.depth = parallel, depth
+        self.in_flight = collections.deque()
+        self.error = None  # a DataError met while reading ahead: raised when its batch is due, not before
+
+    def __next__(self):
+        while len(self.in_flight) < self.depth and self.error is None:
+            try:
+                batch = next(self.batches)
+            except input_pipeline.DataError as error:
+                self.error = error
+                break
+            bad = int(batch.pop("bad_images"))
+            self.in_flight.append((self.parallel.put_batch(batch), bad))
+        if not self.in_flight:
+            raise self.error
+        batch, bad = self.in_flight.popleft()
+        self.consumed, self.bad_images = self.consumed + 1, self.bad_images + bad
+        return batch
+
+    def state(self) -> dict:
+        return {"next_index": self.consumed, "bad_images": self.bad_images}
+
+    def close(self) -> None:
+        close = getattr(self.batches, "close", None)  # grain's worker processes, when there are any
+        if close is not None:
+            close()
+
+
+class PeerFailures:
+    """Several processes stop together when one cannot go on. The one that failed says why in the
+    job's key-value store; the others, watching it from a thread, stop at once with that reason,
+    wherever they are (waiting in a collective for the failed process would last until a timeout).
+    Every process of a failed job then ends without JAX's shutdown barrier, which would wait for
+    processes that are gone."""
+
+    DIRECTORY = "unet_flax/failed/"
+
+    def __init__(self, interval_s: float = 0.5):
+        from jax._src import distributed  # the job's coordination client; JAX has no public handle to it
+
+        self.client = distributed.global_state.client
+        self.own_key = f"{self.DIRECTORY}{jax.process_index()}"
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="peer-failures").start()
+
+    def announce(self, error: BaseException) -> None:
+        self.done.set()
+        with contextlib.suppress(Exception):  # the service may be gone with process 0
+            self.client.key_value_set(self.own_key, describe(error))
+
+    def _watch(self, interval_s: float, unanswered_limit: int = 10) -> None:
+        unanswered = 0
+        while not self.done.wait(interval_s):
+            try:
+                failed = [(key, reason) for key, reason in self.client.key_value_dir_get(self.DIRECTORY)
+                          if key != self.own_key]
+                unanswered = 0
+            except Exception:  # for long: the service is gone with process 0, which hosted it
+                unanswered += 1
+                failed = [(f"{self.DIRECTORY}0", "its coordination service stopped answering")] \
+                    if unanswered >= unanswered_limit else []
+            if failed and not self.done.is_set():
+                key, reason = failed[0]
+                below_progress_bar = "\n" if jax.process_index() == 0 else ""
+                print(f"{below_progress_bar}error: process {key.rsplit('/', 1)[-1]} failed ({reason}); this process "
+                      f"stops too", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def end_failed_job(code: int) -> None:
+    """End this process of a failed multi-process job at once (see PeerFailures)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def join_job(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize, before anything asks JAX which process this is (reading a saved
+    config does); None: what the cluster's environment says (SLURM, Open MPI, Cloud TPU)."""
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except ValueError as error:  # nothing given and no cluster in the environment
+        raise ConfigError(f"--distributed: {error} JAX found no cluster to read it from: pass --coordinator-address "
+                          f"HOST:PORT --num-processes N --process-id I") from None
+    # Collectives between CPU processes need gloo; GPU and TPU bring their own. Before the backends start.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+def prepare_workdir(config: TrainConfig) -> Path:
+    workdir = Path(config.workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TrainingError(f"cannot create workdir {workdir}: {error.strerror}") from None
+    if not os.access(workdir, os.W_OK):
+        raise TrainingError(f"workdir {workdir} is not writable")
+    return workdir
+
+
+def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstract) -> tuple[str, object]:
+    """('ok', (state, data state)), ('damaged', error) or ('error', error) for one checkpoint."""
+    try:
+        saved = checkpoints.read_config(step)
+        differing = incompatible_fields(saved, config.to_dict(), trained=step > 0)
+        if differing:
+            raise ConfigError(f"cannot resume {config.workdir} (step {step}): the config differs in "
+                             f"{', '.join(differing)}")
+        return "ok", checkpoints.restore(step, abstract)
+    except ConfigError:
+        raise
+    except Exception as error:
+        return ("damaged" if is_damage(error) else "error"), error
+
+
+OUTCOMES = ("ok", "damaged", "error")
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one short line: its type and its message's first line (which may be empty)."""
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+def agreed_outcome(outcome: str) -> str:
+    """Every process's outcome, reduced to one they all act on: any error stops all of them, any
+    damage sets the checkpoint aside for all (process 0 renames it)."""
+    if jax.process_count() == 1:
+        return outcome
+    codes = multihost_utils.process_allgather(np.int32(OUTCOMES.index(outcome)))
+    return OUTCOMES[int(np.max(codes))]
+
+
+def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract) -> tuple[int, dict, dict]:
+    """(step, state, data state) of the newest checkpoint that restores. A damaged one (its own files
+    unreadable or inconsistent) is renamed N.damaged, kept, and named in a warning; any other failure
+    (memory, permissions, disk, timeouts) stops the run with nothing renamed; if none restores, the run
+    stops rather than start over."""
+    for step in reversed(checkpoints.all_steps()):
+        outcome, result = try_restore(checkpoints, step, config, abstract)
+        agreed = agreed_outcome(outcome)
+        if agreed == "ok":
+            return step, *result
+        if agreed == "error":
+            reason = describe(result) if outcome == "error" else "another process failed to read it"
+            raise TrainingError(f"cannot restore checkpoint step {step} ({reason}); nothing was renamed or "
+                                f"changed: fix the cause and run again")
+        kept = checkpoints.set_aside(step)
+        if jax.process_index() == 0:
+            why = describe(result) if outcome == "damaged" else "unreadable in another process"
+            print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one",
+                  file=sys.stderr)
+    raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
+                        f"as *.damaged); move them away to start afresh")
+
+
+def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: training.Parallel
+                    ) -> tuple[int | None, dict, dict | None]:
+    """(the step resumed from or None, {'train_state', 'rng'}, the data iterator's state or None)."""
+    init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    if checkpoints.latest_step() is None:
+        set_aside = sorted(p.name for p in checkpoints.directory.glob("*.damaged*"))
+        if set_aside:  # a run requeued after every checkpoint was set aside must not begin again at step 0
+            raise TrainingError(f"{checkpoints.directory} holds only checkpoints set aside as damaged "
+                                f"({', '.join(set_aside)}); to start afresh, move {checkpoints.directory} away "
+                                f"or use another --workdir")
+        return None, {"train_state": training.create_train_state(config, init_key), "rng": step_rng}, None
+    if not config.resume:
+        raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
+                            f"--no-resume was given: use another --workdir (nothing was changed)")
+    step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.replicated))
+    if step == 0:  # imported weights, no step taken: this run's seed and data, from their start
+        return step, {"train_state": saved["train_state"], "rng": step_rng}, None
+    return step, saved, data_state
+
+
+def train(config: TrainConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+    """Train `config` in `workdir` (default: config.workdir) up to config.steps, resuming from the
+    workdir's checkpoints; the summary: step, loss, workdir, resumed_from, samples, img_per_s, wall_s.
+
+    The user's mistakes raise ConfigError (a bad value or combination), input_pipeline.DataError
+    (unreadable data), TrainingError (a run that cannot go on) and checkpoint.SaveError (a refused
+    write), each naming what to fix."""
+    start = time.time()
+    if workdir is not None:
+        config = dataclasses.replace(config, workdir=str(workdir))
+    if config.distributed and not jax.distributed.is_initialized():
+        join_job(config.coordinator_address, config.num_processes, config.process_id)
+    if jax.process_count() == 1:
+        return _run(config, start)
+    peers = PeerFailures()
+    try:
+        return _run(config, start)
+    except BaseException as error:
+        peers.announce(error)
+        raise
+    finally:
+        peers.close()
+
+
+def _run(config: TrainConfig, start: float) -> dict[str, Any]:
+    # Set-up: the data, the config it completes, the devices, the workdir.
+    data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)
+    config = fit_to_data(config, data.channels, data.num_classes, data.source)
+    is_main = jax.process_index() == 0
+    workdir = prepare_workdir(config)
+    checkpoints = Checkpoints(workdir, config.keep_checkpoints)
+    parallel = training.Parallel(config.parallel, training.make_train_step(config), config.batch_size)
+
+    # Restore or initialise.
+    resumed_from, saved, data_state = restore_or_init(checkpoints, config, parallel)
+    summary = {"step": resumed_from or 0, "loss": None, "workdir": str(workdir), "resumed_from": resumed_from}
+    if resumed_from is not None and config.steps <= resumed_from:
+        checkpoints.close()
+        print(f"{workdir} is already at step {resumed_from} >= --steps {config.steps}: nothing to train, "
+              f"nothing overwritten", file=sys.stderr)
+        return {**summary, "wall_s": round(time.time() - start, 2)}
+    state = parallel.put_state(saved["train_state"])
+    rng = jnp.asarray(training.local_value(saved["rng"]))
+    dataset = input_pipeline.make_dataset(data, config.batch_size, config.seed, config.hflip,
+                                          jax.process_index(), jax.process_count())
+    workers = input_pipeline.default_workers(data) if config.data_workers is None else config.data_workers
+    feed = DeviceFeed(dataset, workers, parallel, data_state or {})
+
+    def save(step: int) -> None:
+        canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.replicate(np.asarray(rng))}
+        checkpoints.save(step, canonical, feed.state(), config.to_dict())
+
+    # Steps.
+    stop, metrics, log = StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)
+    first_step = resumed_from or 0
+    progress = tqdm(total=config.steps, initial=first_step, disable=not is_main, unit="step", dynamic_ncols=True)
+    step, stopping, img_per_s = first_step, False, None
+    try:
+        for step in range(first_step + 1, config.steps + 1):
+            state, step_metrics = parallel.step(state, next(feed), rng)
+            metrics.add(step, step_metrics)
+            stopping = stop.reached(step)
+            saving = (config.save_every and step % config.save_every == 0) or step == config.steps or stopping
+            if step % config.log_every == 0 or saving:
+                check_finite(config, metrics, checkpoints)
+                steps_in_interval = metrics.steps
+                values = metrics.read(config.batch_size)
+                values["nonfinite_total"] = int(parallel.host_state(state.skipped_steps))
+                if config.skip_bad_images:
+                    values["bad_images_total"] = feed.bad_images
+                log.write(step, values)
+                progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
+                progress.update(steps_in_interval)
+                summary["loss"], img_per_s = values["loss"], values["img_per_s"]
+            if saving:
+                save(step)
+            if config.sample_every and step % config.sample_every == 0 and step != config.steps and is_main:
+                sample_grid(config, parallel.host_state(state.ema_params), workdir / f"samples_{step:07d}.png")
+            if stopping:
+                print(f"SIGTERM: saved step {step}, stopping", file=sys.stderr)
+                break
+        checkpoints.wait()
+    except BaseException:
+        # Not the checkpoints of several processes: their writes wait for processes that may be gone.
+        close_all(stop, feed, progress, log, *([checkpoints] if jax.process_count() == 1 else []), quietly=True)
+        raise
+    close_all(stop, feed, progress, log, checkpoints)
+
+    # Finish: samples and the loss curve.
+    summary["step"] = step
+    if is_main:
+        if not stopping:
+            sample_grid(config, parallel.host_state(state.ema_params), workdir / "samples.png")
+            summary["samples"] = str(workdir / "samples.png")
+        save_loss_curve(*log.history(), workdir / "loss.png")
+    summary["img_per_s"] = None if img_per_s is None else round(img_per_s, 1)
+    summary["wall_s"] = round(time.time() - start, 2)
+    return summary
+
+
+def close_all(*parts, quietly: bool = False) -> None:
+    """Close each part; `quietly` after an error, so that what went wrong first is what is reported
+    (on a full disk every writer fails again while closing)."""
+    for part in parts:
+        if quietly:
+            with contextlib.suppress(Exception):
+                part.close()
+        else:
+            part.close()
+
+
+def check_finite(config: TrainConfig, metrics: MetricsAccumulator, checkpoints: Checkpoints) -> None:
+    """Stop at the first non-finite step, before anything is saved, unless --skip-nonfinite."""
+    first_bad = int(metrics.first_nonfinite)
+    if first_bad >= 0 and not config.skip_nonfinite:
+        last_good = checkpoints.latest_step()
+        raise TrainingError(
+            f"non-finite loss or gradient at step {first_bad}; stopped without saving, "
+            + ("no checkpoint was written yet" if last_good is None else f"the last good checkpoint is step {last_good}")
+            + " (--skip-nonfinite skips such steps instead)")
