@@ -35,12 +35,17 @@ def command_line(command: str, *args) -> list[str]:
     return [sys.executable, *program, *map(str, args)]
 
 
+def import_command(command: str):
+    """The module of a script (train.py, ...) or of a module run with -m (unet_flax.convert)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(command.removesuffix(".py"))
+
+
 def run_main(command: str, *args, check: bool = False) -> subprocess.CompletedProcess:
     """`python command args` as `main(args)` in this process: its exit code, stdout and stderr, with
     the matmul precision a fresh process has (conftest's "highest" would make other programs)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(command.removesuffix(".py"))
+    module = import_command(command)
     stdout, stderr = io.StringIO(), io.StringIO()
     xla_flags, sigterm = os.environ["XLA_FLAGS"], signal.getsignal(signal.SIGTERM)
     try:

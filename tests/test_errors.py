@@ -1,6 +1,9 @@
 """Bad configurations and inputs fail at init or trace time with a ValueError naming the value."""
+import ast
+import graphlib
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -109,3 +112,33 @@ def test_context_of_the_wrong_width_or_missing():
 def test_importing_the_package_does_not_import_torch():
     code = "import sys, unet_flax; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each unet_flax module -> the unet_flax modules it imports, at its top or inside functions."""
+    root = Path(uf.__file__).parent
+    modules = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                base = ".".join(parts + ([node.module] if node.module else []))
+                submodules = {f"{base}.{alias.name}" for alias in node.names} & modules.keys()
+                imported |= submodules or ({base} & modules.keys())
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names} & modules.keys()
+        graph[name] = imported - {name}
+    return graph
+
+
+def test_imports_point_one_way():
+    """No module imports one that imports it back (directly or round a longer circle)."""
+    graph = package_imports()
+    assert "unet_flax.trainer" in graph["unet_flax.scripts.train"]  # the parse sees the imports
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the circle
+    for library in ("unet_flax.model", "unet_flax.training", "unet_flax.sampling", "unet_flax.trainer"):
+        assert not any(name.startswith("unet_flax.scripts") for name in graph[library]), library

@@ -1,17 +1,22 @@
 """train.py as a user runs it: flags, resume, bit-exact continuation, sampling, export, errors
 (several processes and signals: test_multiprocess.py). The run the others continue is a process of
 its own; the rest run in this process (commands.run_main), and must continue it bit for bit."""
+import dataclasses
+import importlib.metadata
 import json
 import shutil
+import subprocess
 
 import jax
 import numpy as np
 import pytest
 
-from commands import (TINY, assert_bit_identical, params_at, run_main, run_process, run_sample, run_train,
-                      snapshot, summary)
+from commands import (TINY, assert_bit_identical, import_command, params_at, run_main, run_process, run_sample,
+                      run_train, snapshot, summary)
 from parity import rel_error, without_key_biases
+from unet_flax import trainer
 from unet_flax.sampling import SamplingConfig, class_labels
+from unet_flax.train_config import PRESETS
 from unet_flax.unet_config import ConfigError
 
 
@@ -81,6 +86,30 @@ def test_incompatible_resume_names_the_fields_and_changes_nothing(uninterrupted)
 def test_no_resume_refuses_a_workdir_with_checkpoints(uninterrupted):
     result = run_train(uninterrupted[0], "--steps", "9", "--no-resume", check=False)
     assert result.returncode == 1 and "holds checkpoints up to step 6" in result.stderr
+
+
+def test_the_python_api_trains_what_train_py_trains(uninterrupted, tmp_path):
+    """trainer.train with a TrainConfig written in Python, not through a command line: the same bits
+    as the `python train.py` process with TINY's flags."""
+    digits = PRESETS["digits"]
+    model = dataclasses.replace(digits.model, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4,
+                                num_heads=2, attention_resolutions=(4,), image_size=8)
+    config = dataclasses.replace(digits, model=model, batch_size=8, num_samples=10, sampling_steps=2, log_every=2,
+                                 warmup_steps=2, lr_schedule="constant", steps=6, save_every=3)
+    with jax.default_matmul_precision(None):  # a fresh process's, as train.py ran with
+        result = trainer.train(config, workdir=tmp_path)
+    assert result["step"] == 6 and result["workdir"] == str(tmp_path) and (tmp_path / "samples.png").exists()
+    assert_bit_identical(params_at(tmp_path, 6), params_at(uninterrupted[0], 6))
+
+
+def test_installed_commands_are_the_scripts():
+    """`pip install` gives the README's commands as unet-flax-train, -sample, -evaluate and -convert."""
+    installed = {entry.name: entry for entry in importlib.metadata.distribution("unet_flax").entry_points}
+    for name, command in (("unet-flax-train", "train.py"), ("unet-flax-sample", "sample.py"),
+                          ("unet-flax-evaluate", "evaluate.py"), ("unet-flax-convert", "unet_flax.convert")):
+        assert installed[name].load() is import_command(command).main, name
+    result = subprocess.run([shutil.which("unet-flax-train"), "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--preset" in result.stdout and "usage: unet-flax-train" in result.stdout
 
 
 def test_help_lists_every_field():
