@@ -104,7 +104,7 @@ def test_the_python_api_trains_what_train_py_trains(uninterrupted, tmp_path):
 
 def test_installed_commands_are_the_scripts():
     """`pip install` gives the README's commands as unet-flax-train, -sample, -evaluate and -convert."""
-    installed = {entry.name: entry for entry in importlib.metadata.distribution("unet_flax").entry_points}
+    installed = {entry.name: entry for entry in importlib.metadata.entry_points(group="console_scripts")}
     for name, command in (("unet-flax-train", "train.py"), ("unet-flax-sample", "sample.py"),
                           ("unet-flax-evaluate", "evaluate.py"), ("unet-flax-convert", "unet_flax.convert")):
         assert installed[name].load() is import_command(command).main, name

@@ -1,5 +1,6 @@
-"""What the command lines share: one line for a user's mistake, the training flags generated from
-`TrainConfig` (every field a flag, `--preset` choosing the defaults), and XLA:CPU's convolutions."""
+"""What the command lines share: one line for a user's mistake, flags generated from the config
+dataclasses (each field that declares itself a flag; `--preset` choosing train.py's defaults), and
+XLA:CPU's convolutions."""
 from __future__ import annotations
 
 import argparse
