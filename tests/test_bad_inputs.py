@@ -76,7 +76,7 @@ CASES = [
     ("evaluate.py", ["--workdir", "{root}/trained", "--num-samples", "1"], 2,
      "num_samples must be >= 2 for a Frechet distance, got 1"),
     ("evaluate.py", ["--workdir", "{root}/trained", "--sampling-steps", "2000"], 2,
-     "sampling_steps 2000 exceeds the model's 1000 timesteps"),
+     "sampling_steps must be in 1..1000 (the model's timesteps), got 2000"),
     ("bench.py", ["--cpu-devices", "0"], 2, "--cpu-devices must be >= 1, got 0"),
     ("bench.py", ["--steps", "0"], 2, "--steps must be >= 1, got 0"),
     (CONVERT, ["export", "--workdir", "{root}/trained", "--out", "{root}/model.pt"], 1, "{root}/model.pt exists"),

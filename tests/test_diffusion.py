@@ -65,5 +65,5 @@ def test_sampler_with_an_oracle_returns_the_data(prediction, eta, steps):
 
 
 def test_sampling_steps_out_of_range():
-    with pytest.raises(ValueError, match=r"sampling steps must be in 1..1000, got 0"):
+    with pytest.raises(ValueError, match=r"sampling_steps must be in 1..1000 \(the model's timesteps\), got 0"):
         diffusion.sampling_timesteps(1000, 0)

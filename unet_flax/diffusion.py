@@ -12,12 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .unet_config import ConfigError
+
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]  # (x_t, t) -> model output
+
+
+def check_sampling_steps(num_steps: int, timesteps: int) -> None:
+    """A sampler visits at most every one of the model's training timesteps."""
+    if not 1 <= num_steps <= timesteps:
+        raise ConfigError(f"sampling_steps must be in 1..{timesteps} (the model's timesteps), got {num_steps}")
 
 
 def from_uint8(images):
@@ -123,8 +131,7 @@ def sampling_timesteps(timesteps: int, num_steps: int, spacing: str = "linspace"
     k * (T // n) for k = n-1 .. 0, or round(T - k T / n) - 1 for k = 0 .. n-1, each stepping to
     t - T // n as diffusers' step does.
     """
-    if not 1 <= num_steps <= timesteps:
-        raise ValueError(f"sampling steps must be in 1..{timesteps}, got {num_steps}")
+    check_sampling_steps(num_steps, timesteps)
     if spacing == "linspace":
         steps = np.round(np.linspace(timesteps - 1, 0, num_steps)).astype(np.int32)
         return steps, np.append(steps[1:], -1).astype(np.int32)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from . import diffusion
 from .checkpoint import load_params
 from .model import UNet
-from .train_config import TrainConfig, check_sampling_steps
+from .train_config import TrainConfig
 from .training import DATA_AXIS
 from .unet_config import ConfigError, UNetConfig, check_choices, require_null_label, setting
 
@@ -94,7 +94,7 @@ def sample(params: Any, config: TrainConfig, sampling: SamplingConfig, progress:
     model = for_this_backend(config.model)
     num_steps, eta = ((config.timesteps, 1.0) if sampling.sampler == "ddpm"
                       else (sampling.sampling_steps, sampling.eta))
-    check_sampling_steps(num_steps, config.timesteps)
+    diffusion.check_sampling_steps(num_steps, config.timesteps)
     labels, columns = class_labels(sampling, model.num_classes)
     guidance = config.guidance_scale if sampling.guidance_scale is None else sampling.guidance_scale
     if labels is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .diffusion import PREDICTIONS, SCHEDULES
+from .diffusion import PREDICTIONS, SCHEDULES, check_sampling_steps
 from .unet_config import (FREE, PER_PROCESS, ConfigError, UNetConfig, check_choices, fields_resumed,
                           require_null_label, setting)
 
@@ -70,7 +70,7 @@ class TrainConfig:
     process_id: int | None = setting(None, resume=PER_PROCESS)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "timesteps", "num_samples", "sampling_steps", "log_every",
+        for name in ("steps", "batch_size", "timesteps", "num_samples", "log_every",
                      "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -105,11 +105,6 @@ class TrainConfig:
     def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
         fields = dict(fields)
         return cls(model=UNetConfig.from_dict(fields.pop("model")), **fields)
-
-
-def check_sampling_steps(sampling_steps: int, timesteps: int) -> None:
-    if sampling_steps > timesteps:
-        raise ConfigError(f"sampling_steps {sampling_steps} exceeds the model's {timesteps} timesteps")
 
 
 PRESETS: dict[str, TrainConfig] = {
