@@ -118,7 +118,9 @@ def free_port() -> int:
 def start_processes(workdir, count: int, *flags) -> list[subprocess.Popen]:
     """train.py as `count` processes on localhost (2 CPU devices each), one JAX distributed job."""
     port = free_port()
-    environment = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    xla_flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=4",
+                                                "--xla_force_host_platform_device_count=2")
+    environment = {**os.environ, "XLA_FLAGS": xla_flags}
     return [subprocess.Popen(
         command_line("train.py", "--workdir", workdir, *TINY, *flags, "--distributed", "--coordinator-address",
                      f"localhost:{port}", "--num-processes", count, "--process-id", i),
