@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from unet_flax import reference, training
-from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
+from unet_flax.cli import UsageError, run_command
 from unet_flax.train_config import PRESETS, TrainConfig
 from unet_flax.convert import flax_to_torch
 from unet_flax.sampling import generate
@@ -304,7 +304,6 @@ def main(argv=None) -> int:
                         help="skip the sampling measurement (64 images x 50 DDIM steps: minutes for cifar10 on a CPU)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    use_xla_cpu_convolutions()
     return run_command(measure, args)
 
 

@@ -35,6 +35,7 @@ def run_command(action: Callable[[argparse.Namespace], dict], args: argparse.Nam
     The user's mistakes print `error: ...` on stderr in one line (the traceback only under --debug):
     `usage_errors` exit 2, `failures` (missing files, bad data, a run that cannot go on) exit 1.
     Anything else is a fault of the program and propagates with its traceback (exit 1)."""
+    use_xla_cpu_convolutions()  # before the action starts JAX's backends
     try:
         result = action(args)
     except (*failures, *usage_errors) as error:

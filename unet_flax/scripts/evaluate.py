@@ -17,7 +17,7 @@ from pathlib import Path
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_config
-from unet_flax.cli import UsageError, run_command, use_xla_cpu_convolutions
+from unet_flax.cli import UsageError, run_command
 from unet_flax.sampling import SamplingConfig, sample_from_checkpoint
 from unet_flax.scripts.sample import sampling_parser, sampling_config
 
@@ -43,7 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = sampling_parser(__doc__.split("\n\n")[0], DEFAULTS)
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
-    use_xla_cpu_convolutions()
     return run_command(evaluate, args)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_flax.cli import add_config_flags, given_fields, run_command, use_xla_cpu_convolutions
+from unet_flax.cli import add_config_flags, given_fields, run_command
 from unet_flax.sampling import SamplingConfig, sample_from_checkpoint
 from unet_flax.visualize import save_grid
 
@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="PNG grid path (default: WORKDIR/samples_sample.png)")
     parser.add_argument("--npz", default=None, help="also write uint8 NHWC `images` (+ `labels`) here")
     args = parser.parse_args(argv)
-    use_xla_cpu_convolutions()
     return run_command(run, args)
 
 

@@ -19,7 +19,7 @@ import jax
 
 from unet_flax import input_pipeline, trainer
 from unet_flax.checkpoint import SaveError, saved_config
-from unet_flax.cli import build_train_parser, given_fields, run_command, use_xla_cpu_convolutions
+from unet_flax.cli import build_train_parser, given_fields, run_command
 from unet_flax.train_config import PRESETS, TrainConfig, resolve_config
 from unet_flax.unet_config import UNetConfig
 
@@ -35,7 +35,6 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_train_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    use_xla_cpu_convolutions()
     cache = os.environ.get("UNET_FLAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "unet_flax" / "xla"))
     jax.config.update("jax_compilation_cache_dir", cache)  # a restarted run does not compile again
     # Also the many small programs (placing the state, checkpointing), about 30 ms each to compile.
