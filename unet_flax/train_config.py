@@ -1,7 +1,7 @@
 """The training configuration: `TrainConfig`, a frozen dataclass holding the `UNetConfig`, its presets,
 and how a command line's flags, a preset, a saved config and the data become one config.
 
-`unet_flax.cli` turns every field into a command-line flag.
+`unet_flax.cli` turns each field that is a flag (most are) into a command-line flag.
 """
 from __future__ import annotations
 
@@ -70,8 +70,7 @@ class TrainConfig:
     process_id: int | None = setting(None, resume=PER_PROCESS)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "timesteps", "num_samples", "log_every",
-                     "keep_checkpoints"):
+        for name in ("steps", "batch_size", "timesteps", "num_samples", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.data_workers is not None and self.data_workers < 0:

@@ -367,12 +367,10 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
     # Set-up: the data, the config it completes, the devices, the workdir.
     data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)
     config = fit_to_data(config, data.channels, data.num_classes, data.source)
-    is_main = jax.process_index() == 0
     workdir = prepare_workdir(config)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
     parallel = training.Parallel(config.parallel, training.make_train_step(config), config.batch_size)
 
-    # Restore or initialise.
     resumed_from, saved, data_state = restore_or_init(checkpoints, config, parallel)
     summary = {"step": resumed_from or 0, "loss": None, "workdir": str(workdir), "resumed_from": resumed_from}
     if resumed_from is not None and config.steps <= resumed_from:
@@ -387,15 +385,30 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
     workers = input_pipeline.default_workers(data) if config.data_workers is None else config.data_workers
     feed = DeviceFeed(dataset, workers, parallel, data_state or {})
 
+    state, summary["step"], stopped, last_logged = train_steps(config, workdir, checkpoints, parallel, feed, state,
+                                                               rng, resumed_from or 0)
+    if jax.process_index() == 0:
+        summary.update(finish(config, workdir, parallel.host_state(state.ema_params), stopped))
+    summary["loss"] = last_logged.get("loss")
+    summary["img_per_s"] = round(last_logged["img_per_s"], 1) if "img_per_s" in last_logged else None
+    summary["wall_s"] = round(time.time() - start, 2)
+    return summary
+
+
+def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, parallel: training.Parallel,
+                feed: DeviceFeed, state, rng: jax.Array, first_step: int) -> tuple[Any, int, bool, dict]:
+    """Steps first_step + 1 .. config.steps, or until SIGTERM: logging every log_every steps, saving every
+    save_every and at the end, sampling every sample_every. (state, last step, whether SIGTERM stopped
+    it, the last logged values)."""
+    is_main = jax.process_index() == 0
+
     def save(step: int) -> None:
         canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.replicate(np.asarray(rng))}
         checkpoints.save(step, canonical, feed.state(), config.to_dict())
 
-    # Steps.
     stop, metrics, log = StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)
-    first_step = resumed_from or 0
     progress = tqdm(total=config.steps, initial=first_step, disable=not is_main, unit="step", dynamic_ncols=True)
-    step, stopping, img_per_s = first_step, False, None
+    step, stopping, values = first_step, False, {}
     try:
         for step in range(first_step + 1, config.steps + 1):
             state, step_metrics = parallel.step(state, next(feed), rng)
@@ -412,7 +425,6 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
                 log.write(step, values)
                 progress.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['img_per_s']:.0f}")
                 progress.update(steps_in_interval)
-                summary["loss"], img_per_s = values["loss"], values["img_per_s"]
             if saving:
                 save(step)
             if config.sample_every and step % config.sample_every == 0 and step != config.steps and is_main:
@@ -426,17 +438,16 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
         close_all(stop, feed, progress, log, *([checkpoints] if jax.process_count() == 1 else []), quietly=True)
         raise
     close_all(stop, feed, progress, log, checkpoints)
+    return state, step, stopping, values
 
-    # Finish: samples and the loss curve.
-    summary["step"] = step
-    if is_main:
-        if not stopping:
-            sample_grid(config, parallel.host_state(state.ema_params), workdir / "samples.png")
-            summary["samples"] = str(workdir / "samples.png")
-        save_loss_curve(*log.history(), workdir / "loss.png")
-    summary["img_per_s"] = None if img_per_s is None else round(img_per_s, 1)
-    summary["wall_s"] = round(time.time() - start, 2)
-    return summary
+
+def finish(config: TrainConfig, workdir: Path, ema_params, stopped: bool) -> dict[str, str]:
+    """The run's last sample grid (not after SIGTERM: the machine is going) and its loss curve."""
+    save_loss_curve(*MetricsLog(workdir, enabled=False).history(), workdir / "loss.png")
+    if stopped:
+        return {}
+    sample_grid(config, ema_params, workdir / "samples.png")
+    return {"samples": str(workdir / "samples.png")}
 
 
 def close_all(*parts, quietly: bool = False) -> None:
