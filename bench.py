@@ -159,7 +159,8 @@ def sampling_throughput(config: TrainConfig, flax_params, torch_model, devices: 
     labels = jnp.arange(images, dtype=jnp.int32) % 10 if m.num_classes else None
     mesh = training.data_mesh(devices)
     params = jax.device_put(flax_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(training.DATA_AXIS)) if len(devices) > 1 else None
+    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(training.DATA_AXIS))
+                if len(devices) > 1 else None)
 
     def jax_run():
         return generate(params, jax.random.PRNGKey(0), labels, model_config=m, shape=shape, num_steps=num_steps,

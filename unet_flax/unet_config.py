@@ -101,7 +101,8 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int | None = setting(None, flag=False)  # labels 0..num_classes-1, plus num_classes as the null label
     context_dim: int | None = setting(None, flag=False)  # width of the cross-attention context (none in train.py)
-    dtype: str = setting("float32", resume=FREE, choices=DTYPES)  # computation dtype of the Flax model; parameters stay float32
+    # computation dtype of the Flax model; parameters stay float32
+    dtype: str = setting("float32", resume=FREE, choices=DTYPES)
     # jax.nn.dot_product_attention's implementation; 'auto': cuDNN's fused attention where it applies
     # (a CUDA GPU, bf16/fp16, a head size it accepts), XLA elsewhere. Weights do not depend on it.
     attention_impl: str = setting("auto", resume=FREE, choices=ATTENTION_IMPLEMENTATIONS)
