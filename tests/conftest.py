@@ -5,7 +5,6 @@ PyTorch at float32 need JAX's CPU backend, and train.py's GPU default (bfloat16)
 what the subprocess tests compare. `python -m pytest --gpu` runs the tests marked `gpu` with JAX
 on the GPU: the parity suite, cuDNN attention, bf16 training and sampling.
 """
-import fcntl
 import os
 import shutil
 import tempfile
@@ -50,7 +49,6 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: also runs under --gpu with JAX on the GPU; skipped there without one")
-    config.addinivalue_line("markers", "alone: under pytest-xdist, runs while the other workers wait")
     # Before any backend starts; subprocesses inherit the variables.
     if config.getoption("--gpu"):
         # train.py and sample.py subprocesses share the GPU with this process: no up-front 75% grab.
@@ -62,16 +60,21 @@ def pytest_configure(config):
         # they compile about a third faster, and the tests' small programs run in milliseconds either way.
         if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:  # xdist's workers inherit it
             os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+            # And XLA:CPU's older emitters, which compile the U-Net's train step in 6 s instead of 10.
+            # Later jaxlibs have only the new ones, and stop at a flag they do not know.
+            if jax.__version_info__ < (0, 11):
+                os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
         # XLA's convolutions, as the commands choose on the CPU: the commands the tests run in this
         # process (commands.run_main) and in their own compute the same programs, bit for bit.
         use_xla_cpu_convolutions()
 
 
-# The test files that take longest (3 to 4 minutes of a core each on 2 cores without AVX-512) start
-# first: pytest-xdist hands out files in this order, and the workers then finish at about the same
-# time instead of one running the last long file alone.
-LONGEST_FIRST = ("test_sigkill.py", "test_train_cli.py", "test_diffusers.py", "test_training.py",
-                 "test_reliability.py", "test_bench.py")
+# The test files by how long they take (1 to 6 minutes of a core each for the first ones, on 2 cores
+# without AVX-512), longest first: pytest-xdist hands out files in this order, and the workers then
+# finish at about the same time instead of one running the last long file alone.
+LONGEST_FIRST = ("test_multiprocess.py", "test_diffusers.py", "test_train_cli.py", "test_sigkill.py",
+                 "test_training.py", "test_reliability.py", "test_unet_parity.py", "test_bad_inputs.py",
+                 "test_bench.py", "test_nnx.py", "test_blocks_parity.py", "test_evaluation.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,23 +101,9 @@ def record_error():
     return record
 
 
-@pytest.fixture(autouse=True)
-def cpu_share(request):
-    """Under pytest-xdist, a test marked `alone` runs while no other worker runs one: processes joined
-    by gloo collectives fail when one reaches them 30 s after the other, as on a shared 2-core CPU."""
-    if not WORKER:
-        yield
-        return
-    with open(f"{COMPILATION_CACHE}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX if request.node.get_closest_marker("alone") else fcntl.LOCK_SH)
-        yield
-
-
 def pytest_unconfigure(config):
     if not WORKER:
         shutil.rmtree(COMPILATION_CACHE, ignore_errors=True)
-        if os.path.exists(f"{COMPILATION_CACHE}.lock"):
-            os.remove(f"{COMPILATION_CACHE}.lock")
 
 
 def pytest_sessionfinish(session):

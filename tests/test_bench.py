@@ -14,7 +14,7 @@ from unet_flax.train_config import PRESETS
 from commands import ROOT
 
 WARMUP_STEPS = 3  # bench.py's untimed calls before each timed group
-BATCH = 16
+BATCH = 4  # 2 rows on each of the 2 CPU devices
 
 
 def test_bench_digits_cpu_writes_the_documented_json(tmp_path):

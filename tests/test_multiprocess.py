@@ -54,7 +54,6 @@ def resume_in_two_processes(workdir, steps: int, driver: str) -> tuple[dict, lis
     return json.loads(outputs[0][0].strip().splitlines()[-1]), [err for _, err in outputs]
 
 
-@pytest.mark.alone  # gloo's fixed 30 s timeout: not beside another worker's tests
 @pytest.mark.parametrize("driver,signalled,apart_s,resume_processes", [
     ("pmap", (1,), 0.0, 1), ("jit", (0, 1), 0.5, 2)],
     ids=["pmap, one process signalled, resumed by one", "jit, both signalled apart, newest damaged, resumed by two"])
@@ -96,7 +95,6 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
     assert resumed["resumed_from"] == stopped
 
 
-@pytest.mark.alone  # gloo's fixed 30 s timeout: not beside another worker's tests
 def test_a_bad_image_in_one_process_stops_both_within_60_s(tmp_path):
     """Process 1's rows hold a truncated image, process 0's do not: process 1 names the file in one line,
     process 0 says which process failed and why, and both exit 1 within 60 s of the first."""

@@ -14,8 +14,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
+from . import job
 from .train_config import TrainConfig
 from .training import create_train_state
 from .unet_config import FIXED, UNetConfig, fields_resumed
@@ -69,8 +69,7 @@ class Checkpoints:
             target, suffix = self.directory / f"{step}.damaged{suffix}", suffix + 1
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(target)
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"unet_flax: checkpoint {step} set aside")
+        job.wait_for_all(f"set-aside-{step}")
         self.manager.reload()
         return target
 

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from . import input_pipeline, training
+from . import input_pipeline, job, training
 from .checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields, is_damage
 from .sampling import SamplingConfig, sample
 from .train_config import TrainConfig, fit_to_data
@@ -166,6 +166,17 @@ class DeviceFeed:
         self.error = None  # a DataError met while reading ahead: raised when its batch is due, not before
 
     def __next__(self):
+        self._read_ahead()
+        batch, bad = self.in_flight.popleft()
+        self.consumed, self.bad_images = self.consumed + 1, self.bad_images + bad
+        return batch
+
+    def peek(self) -> training.Batch:
+        """The next batch, left to be consumed."""
+        self._read_ahead()
+        return self.in_flight[0][0]
+
+    def _read_ahead(self) -> None:
         while len(self.in_flight) < self.depth and self.error is None:
             try:
                 batch = next(self.batches)
@@ -176,9 +187,6 @@ class DeviceFeed:
             self.in_flight.append((self.parallel.put_batch(batch), bad))
         if not self.in_flight:
             raise self.error
-        batch, bad = self.in_flight.popleft()
-        self.consumed, self.bad_images = self.consumed + 1, self.bad_images + bad
-        return batch
 
     def state(self) -> dict:
         return {"next_index": self.consumed, "bad_images": self.bad_images}
@@ -199,9 +207,7 @@ class PeerFailures:
     DIRECTORY = "unet_flax/failed/"
 
     def __init__(self, interval_s: float = 0.5):
-        from jax._src import distributed  # the job's coordination client; JAX has no public handle to it
-
-        self.client = distributed.global_state.client
+        self.client = job.client()
         self.own_key = f"{self.DIRECTORY}{jax.process_index()}"
         self.done = threading.Event()
         threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="peer-failures").start()
@@ -287,13 +293,10 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
-def agreed_outcome(outcome: str) -> str:
+def agreed_outcome(step: int, outcome: str) -> str:
     """Every process's outcome, reduced to one they all act on: any error stops all of them, any
     damage sets the checkpoint aside for all (process 0 renames it)."""
-    if jax.process_count() == 1:
-        return outcome
-    codes = multihost_utils.process_allgather(np.int32(OUTCOMES.index(outcome)))
-    return OUTCOMES[int(np.max(codes))]
+    return OUTCOMES[max(job.gather(f"restore-{step}", OUTCOMES.index(outcome)))]
 
 
 def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract) -> tuple[int, dict, dict]:
@@ -303,7 +306,7 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
     stops rather than start over."""
     for step in reversed(checkpoints.all_steps()):
         outcome, result = try_restore(checkpoints, step, config, abstract)
-        agreed = agreed_outcome(outcome)
+        agreed = agreed_outcome(step, outcome)
         if agreed == "ok":
             return step, *result
         if agreed == "error":
@@ -403,13 +406,15 @@ def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, pa
     is_main = jax.process_index() == 0
 
     def save(step: int) -> None:
-        canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.replicate(np.asarray(rng))}
+        canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.to_saved(np.asarray(rng))}
         checkpoints.save(step, canonical, feed.state(), config.to_dict())
 
     stop, metrics, log = StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)
     progress = tqdm(total=config.steps, initial=first_step, disable=not is_main, unit="step", dynamic_ncols=True)
     step, stopping, values = first_step, False, {}
     try:
+        parallel.compile(state, feed.peek(), rng)
+        job.wait_for_all("train-step-compiled")
         for step in range(first_step + 1, config.steps + 1):
             state, step_metrics = parallel.step(state, next(feed), rng)
             metrics.add(step, step_metrics)
