@@ -17,6 +17,15 @@ def test_digits_default():
     assert batch["image"].max() > 230 and batch["label"].dtype == np.int32 and not batch["bad_images"].any()
 
 
+def test_digits_are_scikit_learns():
+    """Read from the CSV inside the package: the same images and labels as sklearn's load_digits."""
+    from sklearn.datasets import load_digits
+
+    digits, data = load_digits(), ip.load(None, 8)
+    np.testing.assert_array_equal(data.images[..., 0], np.round(digits.images * 255 / 16).astype(np.uint8))
+    np.testing.assert_array_equal(data.labels, digits.target)
+
+
 def _write(path, array):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)

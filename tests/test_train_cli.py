@@ -6,13 +6,14 @@ import importlib.metadata
 import json
 import shutil
 import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from commands import (TINY, assert_bit_identical, import_command, params_at, run_main, run_process, run_sample,
-                      run_train, snapshot, summary)
+from commands import (ROOT, TINY, assert_bit_identical, import_command, params_at, run_main, run_process,
+                      run_sample, run_train, snapshot, summary)
 from parity import rel_error, without_key_biases
 from unet_flax import trainer
 from unet_flax.sampling import SamplingConfig, class_labels
@@ -33,11 +34,35 @@ def test_a_run_writes_what_it_promises(uninterrupted):
     assert np.isfinite(final["loss"]) and final["wall_s"] > 0
     for name in ("samples.png", "loss.png", "metrics.jsonl"):
         assert (workdir / name).stat().st_size > 0, name
-    assert list((workdir / "tensorboard").iterdir())
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 3, 4, 6]  # every --log-every steps, and at each save
+    assert tensorboard_scalars(workdir / "tensorboard", "train/loss") == [(r["step"], r["loss"]) for r in rows]
     assert {"loss", "grad_norm", "lr", "img_per_s"} <= rows[0].keys()
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
+
+
+def tensorboard_scalars(folder, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` in the TensorBoard event files under `folder`: TFRecord framing (length,
+    its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for path in sorted(folder.rglob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            scalars += [(event.step, value.simple_value) for value in event.summary.value if value.tag == tag]
+    return scalars
+
+
+def test_train_py_imports_neither_pytorch_nor_scikit_learn():
+    """Seconds of every start (more with CUDA's PyTorch): the event writer and the digits without them."""
+    check = ("import sys, train; from unet_flax import input_pipeline, trainer; trainer.summary_writer_class(); "
+             "input_pipeline.load(None, 8); print(sorted({'torch', 'sklearn', 'scipy'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.split() == ["[]"], result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import functools
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -198,11 +199,13 @@ def _resize_center_crop(image: Image.Image, size: int) -> np.ndarray:
 
 
 def _digits(image_size: int) -> ImageData:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # 0..16 -> 0..255
-    return ImageData(_resize(images, image_size), digits.target.astype(np.int32),
+    # The CSV that sklearn.datasets.load_digits reads (64 pixels 0..16, then the label), read from
+    # the installed package without importing it: importing scikit-learn (SciPy and all) would add
+    # about a second to every start of train.py.
+    sklearn = importlib.util.find_spec("sklearn")
+    table = np.loadtxt(Path(sklearn.origin).parent / "datasets" / "data" / "digits.csv.gz", delimiter=",")
+    images = np.round(table[:, :-1].reshape(-1, 8, 8, 1) * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    return ImageData(_resize(images, image_size), table[:, -1].astype(np.int32),
                      tuple(str(d) for d in range(10)), "sklearn digits")
 
 

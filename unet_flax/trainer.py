@@ -49,6 +49,21 @@ def sample_grid(config: TrainConfig, ema_params, path: Path) -> None:
     save_grid(samples.images, path, samples.columns)
 
 
+def summary_writer_class() -> type:
+    """tensorboardX's SummaryWriter, imported without PyTorch where PyTorch is not imported yet.
+    tensorboardX imports PyTorch where it is installed, only to accept its tensors: a second or more
+    of every start of train.py (and CUDA's libraries on a GPU machine) for scalars that are floats."""
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsLog:
     """metrics.jsonl and TensorBoard event files in the workdir, written by process 0 only."""
 
@@ -57,8 +72,7 @@ class MetricsLog:
         self.path = workdir / "metrics.jsonl"
         self.writer = None
         if enabled:
-            from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+            self.writer = summary_writer_class()(str(workdir / "tensorboard"))
             self._end_partial_line()
 
     def _end_partial_line(self) -> None:
