@@ -79,6 +79,36 @@ def test_training_moved_the_parameters(runs):
     assert min(jax.tree_util.tree_leaves(moved)) > 0
 
 
+# A valid other value for each field the step does not read (and `steps`, under the constant schedule).
+UNREAD_CHANGED = {"workdir": "elsewhere", "data": "images.npz", "class_conditional": False, "hflip": True,
+                  "data_workers": 3, "skip_bad_images": True, "batch_size": 16, "skip_nonfinite": True,
+                  "sample_every": 7, "num_samples": 5, "sampling_steps": 9, "guidance_scale": 1.0,
+                  "parallel": "jit", "seed": 11, "save_every": 13, "keep_checkpoints": 1, "log_every": 3,
+                  "resume": False, "distributed": True, "coordinator_address": "localhost:1", "num_processes": 2,
+                  "process_id": 1, "steps": 50}
+
+
+def test_configs_that_differ_only_in_what_the_step_does_not_read_share_one_step():
+    """They get one step function (JAX then traces and compiles it once), and that is sound: built
+    apart, their steps lower to the same program; a field the step reads (lr) changes it."""
+    assert UNREAD_CHANGED.keys() == training.NOT_READ_BY_THE_STEP | {"steps"}
+    other = dataclasses.replace(CONFIG, **UNREAD_CHANGED)
+    assert training.make_train_step(other) is training.make_train_step(CONFIG)
+    faster = dataclasses.replace(CONFIG, lr=2 * CONFIG.lr)
+    assert training.make_train_step(faster) is not training.make_train_step(CONFIG)
+
+    one = training.data_mesh(jax.devices()[:1])
+    state = jax.eval_shape(lambda: training.create_train_state(CONFIG, jax.random.PRNGKey(0)))
+    batch = jax.eval_shape(lambda: batches(1)[0])
+
+    def program(config):
+        step = training.jit_driver(training._make_train_step(config), one)  # built apart, not shared
+        return step.lower(state, batch, jax.random.PRNGKey(1)).as_text()
+
+    assert program(other) == program(CONFIG)
+    assert program(faster) != program(CONFIG)
+
+
 def test_global_batch_not_divisible_by_devices():
     with pytest.raises(ValueError, match=r"batch size 6 is not divisible by the 4 devices; use a multiple of 4"):
         training.Parallel("jit", training.make_train_step(CONFIG), 6)

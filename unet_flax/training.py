@@ -8,6 +8,7 @@ depend on how many devices share the batch.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -118,8 +119,33 @@ def train_state_from_params(config: TrainConfig, params: Any) -> TrainState:
                       opt_state=jax.jit(make_optimizer(config).init)(params), skipped_steps=jnp.zeros((), jnp.int32))
 
 
+# The TrainConfig fields the train step never reads (the data, the loop, sampling, the job; `steps`
+# only through the cosine schedule). Configs that differ only in these get the same step function,
+# and with it JAX's trace and compiled program: a process that trains again (a notebook, a sweep,
+# the tests) skips seconds of tracing and compiling. A field missing here only costs a new trace.
+NOT_READ_BY_THE_STEP = frozenset({
+    "workdir", "data", "class_conditional", "hflip", "data_workers", "skip_bad_images", "batch_size",
+    "skip_nonfinite", "sample_every", "num_samples", "sampling_steps", "guidance_scale", "parallel", "seed",
+    "save_every", "keep_checkpoints", "log_every", "resume", "distributed", "coordinator_address",
+    "num_processes", "process_id"})
+_TRAIN_STEPS: dict[tuple, StepFn] = {}  # the newest few, oldest first
+_TRAIN_STEPS_KEPT = 8
+
+
 def make_train_step(config: TrainConfig) -> StepFn:
-    """The pure per-device train step for this config; see the module docstring."""
+    """The pure per-device train step for this config (one function for configs that differ only in
+    NOT_READ_BY_THE_STEP); see the module docstring."""
+    unread = NOT_READ_BY_THE_STEP | ({"steps"} if config.lr_schedule == "constant" else set())
+    key = tuple((field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
+                if field.name not in unread)
+    if key not in _TRAIN_STEPS:
+        if len(_TRAIN_STEPS) >= _TRAIN_STEPS_KEPT:
+            del _TRAIN_STEPS[next(iter(_TRAIN_STEPS))]
+        _TRAIN_STEPS[key] = _make_train_step(config)
+    return _TRAIN_STEPS[key]
+
+
+def _make_train_step(config: TrainConfig) -> StepFn:
     model = UNet(config.model)
     tx = make_optimizer(config)
     schedule = diffusion.make_schedule(config.noise_schedule, config.timesteps)
@@ -184,11 +210,15 @@ def check_batch_size(global_batch: int, num_devices: int) -> None:
                          f"use a multiple of {num_devices}")
 
 
+# One driver per step function (and mesh): JAX's caches are keyed by the function a driver wraps, and
+# shard_map wraps a new one at every call.
+@functools.lru_cache(maxsize=_TRAIN_STEPS_KEPT)
 def pmap_driver(train_step: StepFn) -> StepFn:
     """`jax.pmap` over the local devices: state replicated with a leading device axis, batch split on it."""
     return jax.pmap(train_step, axis_name=DATA_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=_TRAIN_STEPS_KEPT)
 def jit_driver(train_step: StepFn, mesh: Mesh) -> StepFn:
     """`jax.jit` over a 1-D mesh: state replicated, batch sharded on its first axis with NamedSharding."""
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
