@@ -74,15 +74,27 @@ class JaxStep:
         start = time.perf_counter()
         self.compiled = self.step_fn.lower(self.state, self.batch, self.rng).compile()
         self.compile_s = time.perf_counter() - start
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        self.flops = float(cost.get("flops", 0.0)) if cost else 0.0
 
     def __call__(self) -> float:
         start = time.perf_counter()
         self.state, metrics = self.compiled(self.state, self.batch, self.rng)
         jax.block_until_ready((self.state, metrics))
         return time.perf_counter() - start
+
+
+def step_flops(config: TrainConfig, state, batch, rng) -> float:
+    """XLA's FLOP count of the whole step (all devices), lowered for one CPU device with attention written
+    out: a GPU program's cost analysis does not see into its cuDNN convolutions and attention."""
+    counted = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
+    mesh = training.data_mesh(jax.devices("cpu")[:1])
+
+    def on_cpu(tree, spec):
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(training.DATA_AXIS)
+    step = training.jit_driver(training.make_train_step(counted), mesh)
+    cost = step.lower(on_cpu(state, replicated), on_cpu(batch, split), on_cpu(rng, replicated)).cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
 class TorchStep:
@@ -253,23 +265,37 @@ def run(args) -> dict:
             run_result[f"{framework}_step_s"] = run_result[f"{framework}_{best}_step_s"]
             run_result[f"{framework}_img_per_s"] = config.batch_size / run_result[f"{framework}_step_s"]
         run_result["jax_compile_s"] = jax_steps[run_result["jax_best_variant"]].compile_s
-        run_result["jax_flops_per_step"] = jax_steps["1-device"].flops  # a sharded program reports one device's share
+        one_device = jax_steps["1-device"]
+        run_result["jax_flops_per_step"] = step_flops(config, one_device.state, one_device.batch, one_device.rng)
         run_result["jax_over_torch_step_time"] = run_result["jax_step_s"] / run_result["torch_step_s"]
+        for framework in ("jax", "torch"):  # the same model and step: one FLOP count serves both
+            step_s = run_result[f"{framework}_step_s"]
+            run_result[f"{framework}_tflop_per_s"] = run_result["jax_flops_per_step"] / step_s / 1e12
         if args.device == "gpu":
             peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in device.device_kind), None)
-            run_result["jax_mfu"] = None if peak is None else run_result["jax_flops_per_step"] / run_result["jax_step_s"] / peak
+            if dtype == "bfloat16" and peak is not None:  # MFU against the bf16 dense peak, for bf16 runs only
+                run_result["jax_mfu"] = run_result["jax_tflop_per_s"] * 1e12 / peak
             run_result["jax_peak_bytes"] = device.memory_stats().get("peak_bytes_in_use")
             run_result["torch_peak_bytes"] = torch.cuda.max_memory_allocated()
         if dtype == "float32" and args.sampling:
-            run_result.update(sampling_throughput(config, params_host, torch_steps[variants[0]].raw_model,
-                                                  device_lists[run_result["jax_best_variant"]], torch_device))
+            with jax.default_matmul_precision("float32"):  # as PyTorch's, TF32 off: full float32 on both sides
+                run_result.update(sampling_throughput(config, params_host, torch_steps[variants[0]].raw_model,
+                                                      device_lists[run_result["jax_best_variant"]], torch_device))
         result["runs"][dtype] = run_result
+        write_json(args.json, result)  # each precision as it ends: a run cut short keeps what it measured
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     first = result["runs"]["float32"]
     for key in ("jax_step_s", "torch_step_s", "jax_img_per_s", "torch_img_per_s", "jax_compile_s",
                 "jax_over_torch_step_time", "jax_best_variant", "torch_best_variant"):
         result[key] = first[key]
+    write_json(args.json, result)
     return result
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -279,9 +305,6 @@ def measure(args: argparse.Namespace) -> dict:
     if args.cpu_devices < 1:
         raise UsageError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
     result = run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
     for dtype, r in result["runs"].items():
         timings = ", ".join(f"{v} {r[f'{v}_step_s'] * 1e3:.1f} ms ({r[f'{v}_img_per_s']:.0f} img/s)"
                             for v in r["timed"])

@@ -7,7 +7,7 @@ import pytest
 
 import unet_flax as uf
 from unet_flax.checkpoint import Checkpoints
-from unet_flax.model import attention_implementation
+from unet_flax.model import attention_implementation, cudnn_attention_applies
 
 from commands import params_at, run_sample, run_train, summary
 from parity import rel_error
@@ -19,14 +19,14 @@ BF16_TOLERANCE = 5e-2
 CUDNN_ATTENTION = "__cudnn$fmha"  # the custom call XLA emits for cuDNN's fused attention
 
 
-def attention_case(kind: str, implementation: str, dtype):
-    """The block, its inputs (odd, non-square map; head size 16 or 8) and non-default random params."""
+def attention_case(kind: str, implementation: str, dtype, height: int = 6, context_length: int = 8):
+    """The block, its inputs (a non-square map; head size 16 or 8) and non-default random params."""
     keys = jax.random.split(jax.random.key(3), 4)
-    x = jax.random.normal(keys[0], (3, 6, 10, 64), jnp.float32)
+    x = jax.random.normal(keys[0], (3, height, 10 if height % 2 == 0 else 7, 64), jnp.float32)
     if kind == "self":
         module, inputs = uf.AttentionBlock(4, 8, dtype, implementation), (x,)
     else:
-        context = jax.random.normal(keys[1], (3, 7, 24), jnp.float32)
+        context = jax.random.normal(keys[1], (3, context_length, 24), jnp.float32)
         module, inputs = uf.CrossAttentionBlock(8, 8, dtype, implementation), (x, context)
     params = module.init(keys[2], *inputs)["params"]
     leaves, treedef = jax.tree_util.tree_flatten(params)
@@ -55,12 +55,31 @@ def test_cudnn_attention_matches_xla(gpu, kind):
         assert max(jax.tree_util.tree_leaves(errors)) <= BF16_TOLERANCE, errors
 
 
-def test_auto_attention_is_xla_where_cudnn_does_not_apply(gpu):
-    assert attention_implementation("auto", jnp.bfloat16, 16) == "cudnn"
-    assert attention_implementation("auto", jnp.float32, 16) == "xla"  # cuDNN refuses float32
-    assert attention_implementation("auto", jnp.bfloat16, 12) == "xla"  # not a multiple of 8
-    module, params, inputs = attention_case("self", "auto", jnp.float32)
-    assert CUDNN_ATTENTION not in jax.jit(module.apply).lower({"params": params}, *inputs).compile().as_text()
+def test_cudnn_attention_applies_only_to_what_cudnn_takes():
+    bf16, hopper, ampere = jnp.bfloat16, (9, 0), (8, 0)
+    assert cudnn_attention_applies(bf16, 16, 60, 8, hopper) and cudnn_attention_applies(jnp.float16, 128, 4, 4, ampere)
+    assert cudnn_attention_applies(bf16, 256, 64, 64, hopper) and not cudnn_attention_applies(bf16, 256, 64, 64, ampere)
+    refused = {"float32": (jnp.float32, 16, 60, 8, hopper), "head size 12": (bf16, 12, 60, 8, hopper),
+               "head size 264": (bf16, 264, 60, 8, hopper), "odd map (7x7)": (bf16, 16, 49, 49, hopper),
+               "odd context (7 tokens)": (bf16, 16, 60, 7, hopper), "Turing": (bf16, 16, 60, 8, (7, 5)),
+               "not an NVIDIA GPU": (bf16, 16, 60, 8, None)}
+    for case, arguments in refused.items():
+        assert not cudnn_attention_applies(*arguments), case
+    if jax.default_backend() != "gpu":  # 'auto' is XLA's attention on the CPU and TPU, whatever the inputs
+        assert attention_implementation("auto", bf16, 16, 60, 8) == "xla"
+    assert attention_implementation("cudnn", jnp.float32, 12, 7, 7) == "cudnn"  # asked for, not second-guessed
+
+
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_auto_attention_is_xla_where_cudnn_does_not_apply(gpu, kind):
+    assert attention_implementation("auto", jnp.bfloat16, 16, 60, 8) == "cudnn"
+    # float32, and bf16 with odd lengths (a 5x7 map; a 7-token context): XLA's, forward and backward.
+    for dtype, height, context_length in ((jnp.float32, 6, 8), (jnp.bfloat16, 5, 7)):
+        module, params, inputs = attention_case(kind, "auto", dtype, height, context_length)
+        compiled = jax.jit(forward_and_grads, static_argnums=0).lower(module, params, inputs).compile()
+        assert CUDNN_ATTENTION not in compiled.as_text()
+        out, grads = compiled(params, inputs)
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves((out, grads)))
 
 
 # A U-Net whose attention heads (32 and 64 channels, 2 heads) are sizes cuDNN takes.

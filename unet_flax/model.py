@@ -190,18 +190,29 @@ class ResidualBlock(nn.Module):
         return (h + residual) / self.output_scale
 
 
-def attention_implementation(requested: str, dtype: Dtype, head_dim: int) -> str:
+def attention_implementation(requested: str, dtype: Dtype, head_dim: int, query_length: int,
+                             key_length: int) -> str:
     """The `implementation` for jax.nn.dot_product_attention: `requested`, or for 'auto' cuDNN's fused
-    attention where it runs (a CUDA GPU of compute capability 8.0 or later, bf16/fp16, a head size
-    that is a multiple of 8 and at most 128, 256 from Hopper on) and XLA's elsewhere."""
+    attention where `cudnn_attention_applies` on this machine's GPU and XLA's elsewhere."""
     if requested != "auto":
         return requested
-    if jax.default_backend() != "gpu" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8:
+    if jax.default_backend() != "gpu":
         return "xla"
-    capability = _cuda_compute_capability()
-    if capability is None or capability < (8, 0):
-        return "xla"
-    return "cudnn" if head_dim <= (256 if capability >= (9, 0) else 128) else "xla"
+    applies = cudnn_attention_applies(dtype, head_dim, query_length, key_length, _cuda_compute_capability())
+    return "cudnn" if applies else "xla"
+
+
+def cudnn_attention_applies(dtype: Dtype, head_dim: int, query_length: int, key_length: int,
+                            compute_capability: tuple[int, ...] | None) -> bool:
+    """Whether cuDNN's fused attention takes these inputs, forward and backward: an NVIDIA GPU of compute
+    capability 8.0 or later, bf16/fp16, a head size that is a multiple of 8 and at most 128 (256 from
+    Hopper on), and even query and key lengths (its backward pass refuses odd ones, e.g. a 7x7 map or a
+    7-token context)."""
+    if compute_capability is None or compute_capability < (8, 0):
+        return False
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or head_dim % 8 or query_length % 2 or key_length % 2:
+        return False
+    return head_dim <= (256 if compute_capability >= (9, 0) else 128)
 
 
 def _cuda_compute_capability() -> tuple[int, ...] | None:
@@ -247,7 +258,7 @@ class AttentionBlock(nn.Module):
             x = group_norm(self.num_groups, self.epsilon, self.dtype, name="norm")(x)
         qkv = conv1x1(c * 3, self.dtype, name="to_qkv")(x)
         q, k, v = _split_heads(qkv, 3, self.num_heads)
-        implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1])
+        implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         out = out.reshape(b, h, w, c)
         out = conv1x1(c, self.dtype, name="to_out")(out)
@@ -276,7 +287,7 @@ class CrossAttentionBlock(nn.Module):
         kv = nn.Dense(c * 2, dtype=self.dtype, name="to_kv")(context)
         (q,) = _split_heads(q, 1, self.num_heads)
         k, v = _split_heads(kv, 2, self.num_heads)
-        implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1])
+        implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         out = out.reshape(b, h, w, c)
         out = conv1x1(c, self.dtype, name="to_out")(out)
