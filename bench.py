@@ -4,6 +4,7 @@ side by side in one process, and DDIM sampling throughput.
     python bench.py --preset digits --device cpu
     python bench.py --preset cifar10 --device cpu --batch-size 8
     python bench.py --preset cifar10 --device gpu --json gpu.json       # float32 (TF32 off) and bf16
+    python bench.py --preset cifar10 --device gpu --dtype bfloat16      # bf16 only
 
 On CPU the JAX step is timed twice: on one CPU device, and data-parallel over one CPU device per
 core (`--cpu-devices`, the batch split between them), since XLA:CPU runs each small convolution on
@@ -229,7 +230,7 @@ def run(args) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
-    precisions = ["float32"] + (["bfloat16"] if args.device == "gpu" else [])
+    precisions = args.dtype or ["float32"] + (["bfloat16"] if args.device == "gpu" else [])
     result = {"preset": args.preset, "device": args.device, "device_kind": device.device_kind,
               "batch_size": None, "steps": steps, "machine": platform.machine(), "cpu_count": os.cpu_count(),
               "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
@@ -241,8 +242,8 @@ def run(args) -> dict:
             device_lists = jax_variants(config, args.device, args.cpu_devices)
             jax_steps = {v: JaxStep(config, devices) for v, devices in device_lists.items()}
             params_host = jax_steps["1-device"].params_host
-            variants = ["eager"] if args.device == "cpu" else (
-                ["eager", "compile"] if dtype == "float32" else ["bf16-eager", "bf16-compile"])
+            prefix = "bf16-" if dtype == "bfloat16" else ""  # PyTorch under autocast to bf16
+            variants = [prefix + v for v in (["eager"] if args.device == "cpu" else ["eager", "compile"])]
             torch_steps = {v: TorchStep(config, params_host, torch_device, v) for v in variants}
             n_torch = sum(p.numel() for p in torch_steps[variants[0]].raw_model.parameters())
             if n_torch != count(params_host):
@@ -284,7 +285,7 @@ def run(args) -> dict:
         result["runs"][dtype] = run_result
         write_json(args.json, result)  # each precision as it ends: a run cut short keeps what it measured
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    first = result["runs"]["float32"]
+    first = result["runs"][precisions[0]]
     for key in ("jax_step_s", "torch_step_s", "jax_img_per_s", "torch_img_per_s", "jax_compile_s",
                 "jax_over_torch_step_time", "jax_best_variant", "torch_best_variant"):
         result[key] = first[key]
@@ -323,6 +324,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
                         help="CPU only: also time the JAX step data-parallel over this many CPU devices "
                              "(default: one per core; 1 turns it off)")
+    parser.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=None,
+                        help="the precisions to time, in this order (default: float32 on CPU; float32 and "
+                             "bfloat16 on GPU)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-sampling", dest="sampling", action="store_false",
                         help="skip the sampling measurement (64 images x 50 DDIM steps: minutes for cifar10 on a CPU)")
