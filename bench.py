@@ -34,18 +34,20 @@ import numpy as np
 import torch
 
 from unet_flax import reference, training
-from unet_flax.cli import UsageError, run_command
+from unet_flax.cli import UsageError, add_config_flags, given_fields, run_command
 from unet_flax.train_config import PRESETS, TrainConfig
+from unet_flax.unet_config import UNetConfig
 from unet_flax.convert import flax_to_torch
 from unet_flax.sampling import generate
 
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def bench_config(preset: str, batch_size: int | None, dtype: str) -> TrainConfig:
+def bench_config(preset: str, batch_size: int | None, dtype: str, model_overrides: dict | None = None) -> TrainConfig:
+    """The preset with a class label when it is class-conditional, `dtype`, and the model flags given."""
     config = PRESETS[preset]
     num_classes = 10 if config.class_conditional else None
-    model = dataclasses.replace(config.model, num_classes=num_classes, dtype=dtype)
+    model = dataclasses.replace(config.model, **(model_overrides or {}), num_classes=num_classes, dtype=dtype)
     return dataclasses.replace(config, model=model, batch_size=batch_size or config.batch_size, steps=10**6)
 
 
@@ -214,7 +216,7 @@ def jax_variants(config: TrainConfig, device_kind: str, cpu_devices: int) -> dic
     return variants
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace, model_overrides: dict) -> dict:
     if args.device == "cpu":
         # Before the CPU backend starts: one JAX device per core for the data-parallel variant.
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
@@ -236,7 +238,7 @@ def run(args) -> dict:
               "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
               "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}}
     for dtype in precisions:
-        config = bench_config(args.preset, args.batch_size, dtype)
+        config = bench_config(args.preset, args.batch_size, dtype, model_overrides)
         result["batch_size"] = config.batch_size
         with jax.default_matmul_precision("float32" if dtype == "float32" else "default"):
             device_lists = jax_variants(config, args.device, args.cpu_devices)
@@ -254,7 +256,7 @@ def run(args) -> dict:
             for _ in range(2):  # interleaved repeats: the spread between them is the noise
                 for name, step in steppers.items():
                     times[name].append(statistics.median(median_times(step, 3, steps)))
-        run_result = {"parameters": n_torch, "timed": list(steppers)}
+        run_result = {"model": dataclasses.asdict(config.model), "parameters": n_torch, "timed": list(steppers)}
         for name, step in steppers.items():
             run_result[f"{name}_step_s"] = min(times[name])
             run_result[f"{name}_step_s_repeats"] = times[name]
@@ -305,7 +307,10 @@ def measure(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.cpu_devices < 1:
         raise UsageError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
-    result = run(args)
+    # The model flags (but --dtype, bench.py's own), checked before anything is compiled.
+    model_overrides = {k: v for k, v in given_fields(args, UNetConfig).items() if k != "dtype"}
+    bench_config(args.preset, args.batch_size, "float32", model_overrides)
+    result = run(args, model_overrides)
     for dtype, r in result["runs"].items():
         timings = ", ".join(f"{v} {r[f'{v}_step_s'] * 1e3:.1f} ms ({r[f'{v}_img_per_s']:.0f} img/s)"
                             for v in r["timed"])
@@ -331,6 +336,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sampling", dest="sampling", action="store_false",
                         help="skip the sampling measurement (64 images x 50 DDIM steps: minutes for cifar10 on a CPU)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_config_flags(parser.add_argument_group("model: the preset's, but for the flags given (shown: digits')"),
+                     PRESETS["digits"].model, skip=frozenset({"dtype"}))  # --dtype above: one run per precision
     args = parser.parse_args(argv)
     return run_command(measure, args)
 

@@ -73,12 +73,13 @@ def _parser_for(annotation: Any):
     return parse
 
 
-def add_config_flags(group, defaults: Any) -> None:
+def add_config_flags(group, defaults: Any, skip: frozenset[str] = frozenset()) -> None:
     """A flag for each field of the dataclass instance `defaults` that declares itself one (see
-    unet_config.setting). A flag left out is absent from the parsed arguments (see given_fields)."""
+    unet_config.setting), but those named in `skip`. A flag left out is absent from the parsed
+    arguments (see given_fields)."""
     hints = typing.get_type_hints(type(defaults))
     for field in dataclasses.fields(defaults):
-        if not is_flag(field):
+        if not is_flag(field) or field.name in skip:
             continue
         default = getattr(defaults, field.name)
         if hints[field.name] is bool:
