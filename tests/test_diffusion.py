@@ -67,3 +67,10 @@ def test_sampler_with_an_oracle_returns_the_data(prediction, eta, steps):
 def test_sampling_steps_out_of_range():
     with pytest.raises(ValueError, match=r"sampling_steps must be in 1..1000 \(the model's timesteps\), got 0"):
         diffusion.sampling_timesteps(1000, 0)
+
+
+def test_uint8_pixels_round_clip_and_map_nonfinite_values():
+    images = np.array([-1.0, -0.999, 0.0, 1.0, 1.5, -7.0, np.nan, np.inf, -np.inf], np.float32)
+    np.testing.assert_array_equal(diffusion.to_uint8(images), [0, 0, 128, 255, 255, 0, 0, 255, 0])
+    pixels = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(diffusion.to_uint8(diffusion.from_uint8(pixels)), pixels)  # a round trip

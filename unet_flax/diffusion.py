@@ -34,8 +34,9 @@ def from_uint8(images):
 
 
 def to_uint8(images) -> np.ndarray:
-    """[-1, 1] -> uint8 pixels, rounded and clipped, on the host."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """[-1, 1] -> uint8 pixels, rounded and clipped, on the host; NaN as black, +-inf as white and black."""
+    images = np.nan_to_num(np.asarray(images, np.float32), nan=-1.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def beta_schedule(name: str, timesteps: int = 1000) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +176,7 @@ def generate(params, key: jax.Array, labels: jax.Array | None, *, model_config: 
 def _generate_in_batches(params, config: TrainConfig, labels: np.ndarray | None, *, num_steps: int, eta: float,
                          guidance_scale: float, sampling: SamplingConfig, progress: bool) -> np.ndarray:
     m = config.model
-    images = []
+    images, nonfinite = [], 0
     num_samples, batch_size = sampling.num_samples, sampling.batch_size
     starts = range(0, num_samples, batch_size)
     devices = jax.local_device_count()  # this process's own: in a multi-host job one process samples
@@ -193,5 +194,10 @@ def _generate_in_batches(params, config: TrainConfig, labels: np.ndarray | None,
                        schedule_name=config.noise_schedule, timesteps=config.timesteps,
                        prediction=config.prediction, timestep_spacing=sampling.timestep_spacing,
                        batch_sharding=sharding)
+        out = np.asarray(out)
+        nonfinite += int((~np.isfinite(out)).reshape(count, -1).any(axis=1).sum())
         images.append(diffusion.to_uint8(out))
+    if nonfinite:
+        print(f"warning: {nonfinite} of {num_samples} samples hold NaN or inf (NaN written as black): the "
+              "parameters give non-finite outputs, as a diverged run's do", file=sys.stderr)
     return np.concatenate(images)
