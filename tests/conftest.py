@@ -90,9 +90,9 @@ def pytest_collection_modifyitems(config, items):
 def pytest_ignore_collect(collection_path, config):
     # --gpu runs none of the diffusers tests, and a GPU machine's image may lack that dev-only package;
     # without --gpu a missing diffusers stays an error.
-    if config.getoption("--gpu") and collection_path.name == "test_diffusers.py":
-        return importlib.util.find_spec("diffusers") is None or None
-    return None
+    missing = config.getoption("--gpu") and collection_path.name == "test_diffusers.py" \
+        and importlib.util.find_spec("diffusers") is None
+    return True if missing else None  # None: pytest's other rules decide
 
 
 @pytest.fixture(scope="session")
