@@ -1,8 +1,10 @@
-"""The cifar10 train step and DDIM sampler compiled for an H100 and an A100 on a machine without a GPU,
-and what XLA made of them: kernels, layouts, attention, memory, FLOPs and a roofline bound on MFU.
+"""The cifar10 train step and DDIM sampler, in bfloat16 and in float32 (TF32), compiled for an H100 and an
+A100 on a machine without a GPU, and what XLA made of them: kernels, layouts, attention, memory, FLOPs and
+a roofline bound on MFU.
 
     pip install 'jax[cuda12]==<the installed jax version>'   # the CUDA plugin, about 5.5 GB; not a requirement
-    python benchmarks/h100_aot.py               # writes docs/bench/gpu_aot.json and gpu_aot.md (about 7 minutes)
+    python benchmarks/h100_aot.py      # writes docs/bench/gpu_aot.json and gpu_aot.md (about 15 minutes on 2 cores)
+    python benchmarks/h100_aot.py --gpus H100 --dtypes bfloat16     # one column pair (about 4 minutes)
 
 XLA compiles for a GPU it does not have (a "deviceless" compilation) from the target's description,
 which the CUDA plugin embeds for each GPU it knows (`GpuTargetConfigProto` text, one per model). What
@@ -35,11 +37,13 @@ from unet_flax import training  # noqa: E402
 from unet_flax.sampling import generate  # noqa: E402
 from unet_flax.train_config import PRESETS, TrainConfig  # noqa: E402
 
-# name -> (the plugin's device description, dense bf16 tensor-core peak FLOP/s from the data sheet)
+# name -> (the plugin's device description, dense tensor-core peak FLOP/s from the data sheet per compute
+# dtype: bf16, and TF32 for float32, which is what XLA's default precision gives float32 matmuls on them)
 TARGETS = {
-    "H100": ("NVIDIA H100 80GB HBM3", 989e12),
-    "A100": ("NVIDIA A100-SXM4-80GB", 312e12),
+    "H100": ("NVIDIA H100 80GB HBM3", {"bfloat16": 989e12, "float32": 495e12}),
+    "A100": ("NVIDIA A100-SXM4-80GB", {"bfloat16": 312e12, "float32": 156e12}),
 }
+DTYPES = ("bfloat16", "float32")
 FMHA_FORWARD, FMHA_BACKWARD = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
 CONVOLUTION_CALLS = ("__cudnn$convForward", "__cudnn$convBackwardInput", "__cudnn$convBackwardFilter",
                      "__cudnn$convBiasActivationForward")
@@ -74,10 +78,12 @@ def gpu_device(name: str) -> jax.Device:
     return topology.devices[0]
 
 
-def bf16_config(preset: str, batch_size: int, attention: str) -> TrainConfig:
-    """The preset in bfloat16 with the given attention: 'cudnn' is what 'auto' picks on these GPUs."""
+def compiled_config(preset: str, batch_size: int, dtype: str) -> TrainConfig:
+    """The preset computing in `dtype` with the attention 'auto' picks on these GPUs: cuDNN's fused kernels
+    in bfloat16, XLA's in float32 (cuDNN's take no float32)."""
     config = PRESETS[preset]
-    model = dataclasses.replace(config.model, dtype="bfloat16", attention_impl=attention,
+    attention = "cudnn" if dtype == "bfloat16" else "xla"
+    model = dataclasses.replace(config.model, dtype=dtype, attention_impl=attention,
                                 num_classes=10 if config.class_conditional else None)
     return dataclasses.replace(config, model=model, batch_size=batch_size)
 
@@ -251,6 +257,10 @@ def program_report(compiled: jax.stages.Compiled, batch: int) -> dict:
                       "xla_softmax_fusions": sum("exponential" in i.text for i in launched if i.opcode == "fusion")},
         "float32_activations": dict(collections.Counter(
             piece for i in launched for piece in re.findall(r"f32\[[\d,]*\]", i.shape) if is_activation(piece, batch))),
+        # Random bits or masks (dropout's) written between kernels instead of drawn where they are used.
+        "integer_activations": dict(collections.Counter(
+            piece for i in launched for piece in re.findall(r"(?:pred|[su]\d+)\[[\d,]*\]", i.shape)
+            if is_activation(piece, batch))),
         "memory_bytes": {"argument": memory.argument_size_in_bytes, "output": memory.output_size_in_bytes,
                          "alias": memory.alias_size_in_bytes, "temp": memory.temp_size_in_bytes},
         "bytes": {kind: sum(bytes_moved(i, computations, by_name) for i in launched if is_matmul(i) == matmul)
@@ -294,7 +304,7 @@ def analyse(config: TrainConfig, gpu: str, images: int, sampling_steps: int) -> 
     """The train step and the sampler compiled for `gpu`, each with its report and roofline."""
     device, cpu = gpu_device(gpu), jax.devices("cpu")[0]
     counted = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
-    peak, hbm = TARGETS[gpu][1], bandwidth(gpu)
+    peak, hbm = TARGETS[gpu][1][config.model.dtype], bandwidth(gpu)
     programs = {
         "train_step": (lambda c, d: lower_train_step(c, d), config.batch_size, 1, True),
         "ddim_sampler": (lambda c, d: lower_sampler(c, d, images, sampling_steps), images, sampling_steps, False),
@@ -310,13 +320,21 @@ def analyse(config: TrainConfig, gpu: str, images: int, sampling_steps: int) -> 
         report["attention_matmul_flops_by_hand"] = attention_flops(config, batch, backward) * repeats
         report["roofline"] = roofline(report, total_flops, peak, hbm, repeats)
         result[name] = report
-    return {"device": gpu_device(gpu).device_kind, "bf16_peak_flops": peak, "hbm_bytes_per_s": hbm, **result}
+    return {"device": gpu_device(gpu).device_kind, "peak_flops": peak, "hbm_bytes_per_s": hbm, **result}
 
 
 def markdown(report: dict) -> str:
-    """The report's figures as a table, one column per program and GPU."""
-    columns = [(gpu, name, target[name]) for gpu, target in report["targets"].items()
-               for name in ("train_step", "ddim_sampler")]
+    """The report's figures as tables, one per compute dtype, one column per program and GPU."""
+    header = [f"# {report['preset']}, compiled for a GPU without one (jax {report['jax']})", "",
+              f"Train step at batch {report['batch_size']}; sampler {report['sampler']}. "
+              f"`python benchmarks/h100_aot.py`; raw figures in gpu_aot.json. float32 computes at XLA's "
+              "default precision (TF32 matmuls and convolutions), and its MFU is against the TF32 peak.", ""]
+    return "\n".join(header) + "\n" + "\n".join(_table(dtype, targets["targets"])
+                                                 for dtype, targets in report["precisions"].items())
+
+
+def _table(dtype: str, targets: dict) -> str:
+    columns = [(gpu, name, target[name]) for gpu, target in targets.items() for name in ("train_step", "ddim_sampler")]
     rows = {
         "kernels (the sampler: one step)": lambda r: r["kernels"],
         "fusions": lambda r: r["fusions"],
@@ -325,6 +343,7 @@ def markdown(report: dict) -> str:
         "XLA softmax fusions": lambda r: r["attention"]["xla_softmax_fusions"],
         "layout changes on activations": lambda r: len(r["layout_changes_on_activations"]),
         "float32 activation arrays written": lambda r: sum(r["float32_activations"].values()),
+        "integer (mask, random bits) activation arrays written": lambda r: sum(r["integer_activations"].values()),
         "copies": lambda r: r["other_kernels"].get("copy", 0),
         "temp memory (MB)": lambda r: f"{r['memory_bytes']['temp'] / 1e6:.0f}",
         "argument memory (MB)": lambda r: f"{r['memory_bytes']['argument'] / 1e6:.0f}",
@@ -334,10 +353,7 @@ def markdown(report: dict) -> str:
         "roofline time, lower bound (ms)": lambda r: f"{r['roofline']['step_s_lower_bound'] * 1e3:.1f}",
         "MFU, upper bound": lambda r: f"{r['roofline']['mfu_upper_bound']:.0%}",
     }
-    lines = [f"# {report['preset']} bf16, compiled for a GPU without one (jax {report['jax']})", "",
-             f"Train step at batch {report['batch_size']}; sampler {report['sampler']}. "
-             "`python benchmarks/h100_aot.py`; raw figures in gpu_aot.json.", "",
-             "| | " + " | ".join(f"{gpu} {name}" for gpu, name, _ in columns) + " |",
+    lines = [f"## {dtype}", "", "| | " + " | ".join(f"{gpu} {name}" for gpu, name, _ in columns) + " |",
              "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(str(cell(r)) for _, _, r in columns) + " |" for label, cell in rows.items()]
     return "\n".join(lines) + "\n"
@@ -350,15 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=64, help="sampler batch")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--gpus", nargs="+", choices=sorted(TARGETS), default=sorted(TARGETS, reverse=True))
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES), help="compute dtypes")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "gpu_aot.json")
     args = parser.parse_args(argv)
     for name in ("batch_size", "images", "sampling_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    config = bf16_config(args.preset, args.batch_size, "cudnn")
     report = {"preset": args.preset, "batch_size": args.batch_size, "sampler": f"DDIM {args.sampling_steps} x {args.images}",
-              "jax": jax.__version__, "targets": {gpu: analyse(config, gpu, args.images, args.sampling_steps)
-                                                  for gpu in args.gpus}}
+              "jax": jax.__version__, "precisions": {}}
+    for dtype in args.dtypes:
+        config = compiled_config(args.preset, args.batch_size, dtype)
+        report["precisions"][dtype] = {"targets": {gpu: analyse(config, gpu, args.images, args.sampling_steps)
+                                                   for gpu in args.gpus}}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

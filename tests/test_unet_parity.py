@@ -1,4 +1,5 @@
 """The whole Flax UNet against the PyTorch reference UNet: forward, gradients, bf16."""
+import copy
 import dataclasses
 import functools
 
@@ -162,3 +163,47 @@ def test_null_label_is_default():
     apply = jax.jit(model.apply)
     np.testing.assert_array_equal(apply({"params": params}, x, t, None, context),
                                   apply({"params": params}, x, t, null, context))
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("bfloat16", BF16_TOLERANCE)])
+def test_forward_mode_against_the_reference_in_float64(dtype, tolerance, record_error):
+    """jax.jvp through the U-Net (consistency-model and flow-map training take one in every step) equals
+    the float64 reference's torch.func.jvp in random directions of the image and the context."""
+    _, config, torch_model, _, params, torch_args, flax_args = build_case("class+context")
+    x, t, y, context = torch_args
+    generator = torch.Generator().manual_seed(5)
+    x_tangent, context_tangent = torch.randn(x.shape, generator=generator), torch.randn(context.shape, generator=generator)
+    model64 = copy.deepcopy(torch_model).double()
+    # The sinusoidal embedding of the (integer) timesteps is float32 on both sides; the rest is float64.
+    model64.time_embed.mlp.register_forward_pre_hook(lambda module, args: tuple(a.double() for a in args))
+    _, expected = torch.func.jvp(lambda x, c: model64(x, t, y, c), (x.double(), context.double()),
+                                 (x_tangent.double(), context_tangent.double()))
+
+    model = UNet(dataclasses.replace(config, dtype=dtype))
+
+    def apply(x, context):
+        return model.apply({"params": params}, x, flax_args[1], flax_args[2], context)
+    _, actual = jax.jit(lambda *a: jax.jvp(apply, a[:2], a[2:]))(
+        flax_args[0], flax_args[3], to_nhwc(x_tangent), context_tangent.numpy())
+    chex.assert_type(actual, jnp.float32)
+    error = rel_error(to_nchw(actual), expected.detach().numpy())
+    record_error(f"UNet class+context {dtype}", "jvp vs float64", error)
+    assert error <= tolerance
+
+
+def test_forward_and_reverse_mode_agree_through_every_input():
+    """<jvp(u), w> = <u, vjp(w)> along random directions of the image, the (float) timesteps and the
+    parameters, dropout on: forward mode is reverse mode's transpose, which the reference proves right."""
+    _, config, _, model, params, _, (x, t, y, context) = build_case("class+context")
+
+    def f(params, x, t):
+        return model.apply({"params": params}, x, t, y, context, train=True, rngs={"dropout": jax.random.key(4)})
+    primals = (params, jnp.asarray(x), jnp.asarray(t, jnp.float32) + 0.5)
+    leaves, structure = jax.tree_util.tree_flatten(primals)
+    tangents = structure.unflatten([jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)])
+    out, forward = jax.jvp(f, primals, tangents)
+    cotangent = jax.random.normal(jax.random.key(len(leaves)), out.shape)
+    reverse = jax.vjp(f, *primals)[1](cotangent)
+    lhs = jnp.vdot(forward, cotangent)
+    rhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(tangents), jax.tree_util.tree_leaves(reverse)))
+    assert abs(lhs - rhs) <= 1e-5 * abs(lhs), (lhs, rhs)

@@ -6,12 +6,14 @@ math. Parameters are float32; `dtype` sets the computation dtype (bfloat16 for m
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from .unet_config import UNetConfig, check_divisible, timestep_frequencies
 
@@ -22,9 +24,10 @@ GROUP_NORM_EPSILON = 1e-5  # torch.nn.GroupNorm's default; flax's is 1e-6
 
 
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm on NHWC: eps 1e-5, float32 statistics, params `scale` and `bias`.
+    """torch.nn.GroupNorm on NHWC (eps 1e-5, float32 statistics, params `scale` and `bias`), and what
+    follows it elementwise in the blocks: the time embedding's scale and shift, an activation, dropout.
 
-    The arithmetic is `group_normalize`'s, which has its own backward pass.
+    All of it is `group_norm_activation`, one fused operation in both directions of differentiation.
     """
 
     num_groups: int = 32
@@ -32,12 +35,117 @@ class GroupNorm(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, scale_shift: tuple[Array, Array] | None = None,
+                 activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0) -> Array:
+        """GroupNorm(x) [* (1 + scale) + shift] [-> activation] [-> dropout, drawn from the 'dropout' rng]."""
         channels = x.shape[-1]
         check_divisible(channels, self.num_groups, "num_groups")
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        return group_normalize(x, scale, bias, self.num_groups, self.epsilon, jnp.dtype(self.dtype))
+        dropout_key = self.make_rng("dropout") if dropout_rate > 0 else None
+        return group_norm_activation(x, scale, bias, scale_shift, dropout_key, self.num_groups, self.epsilon,
+                                     jnp.dtype(self.dtype), activation, dropout_rate)
+
+
+# What group_norm_activation keeps for the backward pass, besides its inputs.
+GROUP_STATISTICS, ACTIVATION_SLOPE = "group_statistics", "activation_slope"
+
+
+def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tuple[Array, Array] | None,
+                          dropout_key: Array | None, num_groups: int, epsilon: float, dtype: Dtype,
+                          activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0) -> Array:
+    """GroupNorm of NHWC `x` with per-channel `scale` and `bias`, then `* (1 + s) + t` for a (B, 1, 1, C)
+    `scale_shift` pair (s, t), then the elementwise `activation`, then dropout at `dropout_rate` drawn
+    from `dropout_key` (flax.linen.Dropout's arithmetic): float32 inside, rounded to `dtype` once.
+
+    One fused operation in both modes of differentiation. Its derivative is written out (a jax.custom_jvp
+    whose tangent is linear, so JAX transposes it for reverse mode) and checkpointed so that only the
+    input and two numbers per group are kept: the backward pass recomputes the rest elementwise,
+    dropout's mask from its key, and reads the activations twice, once for all its sums and once for
+    the input's gradient. Differentiated op by op, the float32 normalised, modulated and activated maps
+    and dropout's mask were kept and read back, and every sum was a pass of its own: the largest
+    memory traffic of a bfloat16 train step on a GPU (docs/benchmarks.md).
+    """
+    zeros = jnp.zeros((1, 1, 1, x.shape[-1]), jnp.float32)
+    time_scale, time_shift = (zeros, zeros) if scale_shift is None else scale_shift
+    return _group_norm_activation(x, scale, bias, time_scale, time_shift,
+                                  jax.random.key(0) if dropout_key is None else dropout_key,
+                                  num_groups, epsilon, jnp.dtype(dtype), activation, dropout_rate)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _fused(x, scale, bias, time_scale, time_shift, dropout_key, num_groups, epsilon, dtype,
+                           activation, dropout_rate):
+    normalized, _ = _normalize(x, num_groups, epsilon)
+    return _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_key, activation,
+                     dropout_rate)[0].astype(dtype)
+
+
+@_fused.defjvp
+def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, tangents):
+    """The derivative as  k * (A dx + Q + n P): n the normalised input, k the activation's and dropout's
+    elementwise derivative, A = (1 + s) scale / std per (sample, channel), and Q, P per (sample, channel)
+    from the parameters' tangents and the group means of dx and n dx (GroupNorm's textbook derivative,
+    dn = (dx - mean(dx) - n mean(n dx)) / std). The means of (1, n) * dx come from one reduction, whose
+    transpose is the backward pass's one reduction."""
+    x, scale, bias, time_scale, time_shift, dropout_key = primals
+    dx, dscale, dbias, dtime_scale, dtime_shift, _ = tangents
+    normalized, inverse_std = _normalize(x, num_groups, epsilon)
+    out, slope = _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_key, activation,
+                           dropout_rate)
+    # Kept for the backward pass in `dtype`: recomputing it (an exponential, dropout's random bits) in each
+    # of the backward pass's two kernels is what XLA declines, writing float32 maps instead.
+    slope = checkpoint_name(slope.astype(dtype), ACTIVATION_SLOPE).astype(jnp.float32)
+    per_sample = (x.shape[0], 1, 1, x.shape[-1])  # every coefficient per (sample, channel): see below
+    one_plus_s = 1 + time_scale.astype(jnp.float32)
+    a = jnp.broadcast_to(one_plus_s * scale * inverse_std, per_sample)
+    dx = dx.astype(jnp.float32)
+    mean_dx, mean_normalized_dx = (_group_mean(v, num_groups) for v in (dx, normalized * dx))
+    dtime_scale, dtime_shift = dtime_scale.astype(jnp.float32), dtime_shift.astype(jnp.float32)
+    q = -a * mean_dx + jnp.broadcast_to(one_plus_s * dbias + bias * dtime_scale + dtime_shift, per_sample)
+    p = -a * mean_normalized_dx + jnp.broadcast_to(one_plus_s * dscale + scale * dtime_scale, per_sample)
+    dm = a * dx + q + normalized * p
+    return out.astype(dtype), (slope * dm).astype(dtype)
+
+
+_group_norm_activation = jax.checkpoint(_fused, static_argnums=(6, 7, 8, 9, 10),
+                                        policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS, ACTIVATION_SLOPE))
+
+
+def _normalize(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
+    """(x - group mean) / std as float32 in x's shape, and 1 / std per (sample, channel), (B, 1, 1, C)."""
+    shifted = _shifted_groups(x, num_groups)
+    mean, inverse_std = _group_statistics(shifted, epsilon)
+    normalized = ((shifted - mean) * inverse_std).reshape(x.shape)
+    return normalized, _per_channel(inverse_std.reshape(x.shape[0], 1, 1, num_groups), x.shape[-1])
+
+
+def _group_mean(x: Array, num_groups: int) -> Array:
+    """Each group's mean of NHWC `x`, per (sample, channel): (B, 1, 1, C)."""
+    per_channel = x.mean(axis=(1, 2), keepdims=True)  # the spatial sum first, per channel
+    return _per_channel(per_channel.reshape(*per_channel.shape[:3], num_groups, -1).mean(axis=4), x.shape[-1])
+
+
+def _per_channel(per_group: Array, channels: int) -> Array:
+    """(..., G, *rest) per-group values repeated for each of the group's channels: (..., C, *rest)."""
+    groups = per_group.shape[3]
+    expanded = jnp.repeat(per_group[:, :, :, :, None], channels // groups, axis=4)
+    return expanded.reshape(*per_group.shape[:3], channels, *per_group.shape[4:])
+
+
+def _modulate(normalized: Array, scale: Array, bias: Array, time_scale: Array, time_shift: Array) -> Array:
+    return (normalized * scale + bias) * (1 + time_scale.astype(jnp.float32)) + time_shift.astype(jnp.float32)
+
+
+def _activate(h: Array, dropout_key: Array, activation: Callable[[Array], Array] | None,
+              dropout_rate: float) -> tuple[Array, Array]:
+    """activation(h) with dropout, and its elementwise derivative (the mask's scale included)."""
+    out, slope = (h, jnp.ones_like(h)) if activation is None else jax.jvp(activation, (h,), (jnp.ones_like(h),))
+    if dropout_rate > 0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h.shape)
+        out = jax.lax.select(keep, out / (1.0 - dropout_rate), jnp.zeros_like(out))
+        slope = jax.lax.select(keep, slope / (1.0 - dropout_rate), jnp.zeros_like(slope))
+    return out, slope
 
 
 def _shifted_groups(x: Array, num_groups: int) -> Array:
@@ -47,10 +155,11 @@ def _shifted_groups(x: Array, num_groups: int) -> Array:
     activations far from zero relative to their spread (mean 5, std 1e-3) lose the variance to
     float32 rounding in E[x^2] - E[x]^2, and even a two-pass mean loses ~1e-4 (torch's own float32),
     while the deviations from one sample are of the order of the spread (1e-7 against float64).
-    The shift cancels exactly in d - mean, so it changes neither the result nor the gradient.
+    GroupNorm does not change when its input is shifted, so the shift is held constant where this is
+    differentiated (derivatives of the derivative): its exact derivative is zero.
     """
     groups = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
-    return groups - groups[:, :1, :, :1]
+    return groups - checkpoint_name(jax.lax.stop_gradient(groups[:, :1, :, :1]), GROUP_STATISTICS)
 
 
 def _group_statistics(shifted: Array, epsilon: float) -> tuple[Array, Array]:
@@ -58,49 +167,7 @@ def _group_statistics(shifted: Array, epsilon: float) -> tuple[Array, Array]:
     # Two sums XLA fuses into one pass (as one variadic reduction, it writes the float32 groups out).
     mean = shifted.mean(axis=(1, 3), keepdims=True)
     variance = jnp.maximum(jnp.square(shifted).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
-    return mean, jax.lax.rsqrt(variance + epsilon)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def group_normalize(x: Array, scale: Array, bias: Array, num_groups: int, epsilon: float, dtype: Dtype) -> Array:
-    """GroupNorm of NHWC `x` (statistics and arithmetic in float32) with per-channel scale and bias,
-    returned in `dtype`.
-
-    Its backward pass is written out (the textbook GroupNorm gradient) and keeps only x and two
-    numbers per group for it: differentiated op by op, the float32 normalised activations and
-    several intermediates of every GroupNorm were kept for the backward pass and read back,
-    the largest memory traffic of a bfloat16 train step on a GPU (docs/benchmarks.md). As with
-    any jax.custom_vjp, reverse mode (grad, vjp) is defined and forward mode (jvp, jacfwd) is not.
-    """
-    return _group_normalize_forward(x, scale, bias, num_groups, epsilon, dtype)[0]
-
-
-def _group_normalize_forward(x, scale, bias, num_groups, epsilon, dtype):
-    shifted = _shifted_groups(x, num_groups)
-    mean, inverse_std = _group_statistics(shifted, epsilon)
-    normalized = ((shifted - mean) * inverse_std).reshape(x.shape)
-    return (normalized * scale + bias).astype(dtype), (x, scale, mean, inverse_std)
-
-
-def _group_normalize_backward(num_groups, epsilon, dtype, residuals, grad):
-    x, scale, mean, inverse_std = residuals
-    normalized = (_shifted_groups(x, num_groups) - mean) * inverse_std
-    grad = grad.astype(jnp.float32).reshape(normalized.shape)
-    # One pass over the activations: per (sample, channel) sums, from which the scale's, the bias's and
-    # the group means the input's gradient needs all follow. One variadic reduction: as two sums, XLA
-    # computes one and writes the other's float32 operand out for a second kernel.
-    grad_sum, grad_normalized_sum = jax.lax.reduce(  # (B, G, C/G)
-        (grad, grad * normalized), (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), (1,))
-    group_scale = scale.reshape(num_groups, -1)
-    count = normalized.shape[1] * normalized.shape[3]
-    mean_grad = (grad_sum * group_scale).sum(axis=-1)[:, None, :, None] / count
-    mean_grad_normalized = (grad_normalized_sum * group_scale).sum(axis=-1)[:, None, :, None] / count
-    grad_x = inverse_std * (grad * group_scale - mean_grad - normalized * mean_grad_normalized)
-    return (grad_x.reshape(x.shape).astype(x.dtype), grad_normalized_sum.sum(axis=0).reshape(scale.shape),
-            grad_sum.sum(axis=0).reshape(scale.shape))
-
-
-group_normalize.defvjp(_group_normalize_forward, _group_normalize_backward)
+    return checkpoint_name(mean, GROUP_STATISTICS), checkpoint_name(jax.lax.rsqrt(variance + epsilon), GROUP_STATISTICS)
 
 
 def group_norm(num_groups: int, epsilon: float, dtype: Dtype, name: str | None = None) -> GroupNorm:
@@ -156,7 +223,6 @@ class ResidualBlock(nn.Module):
         self.norm2 = group_norm(self.num_groups, self.epsilon, self.dtype)
         self.conv2 = conv3x3(self.out_channels, self.dtype)
         self.activation = nn.silu
-        self.drop = nn.Dropout(self.dropout)
         # Called, and so given parameters, only when the channel count changes (else identity).
         self.skip_connection = conv1x1(self.out_channels, self.dtype)
 
@@ -170,20 +236,20 @@ class ResidualBlock(nn.Module):
             raise ValueError(f"t_emb has width {t_emb.shape[-1]}, expected time_emb_dim={self.time_emb_dim}")
 
         residual = x
-        h = self.norm1(x)
-        h = self.activation(h)
+        # Each GroupNorm and what follows it elementwise run as one fused operation (GroupNorm's docstring).
+        h = self.norm1(x, activation=self.activation)
         h = self.conv1(h)
+        dropout_rate = self.dropout if train else 0.0
         if self.time_mlp is not None and t_emb is not None:
             time_encoding = self.time_mlp(t_emb)[:, None, None, :]
             if self.time_conditioning == "additive":
-                h = self.norm2(h + time_encoding)
+                h = self.norm2(h + time_encoding, activation=self.activation, dropout_rate=dropout_rate)
             else:
                 scale, shift = jnp.split(time_encoding, 2, axis=-1)
-                h = self.norm2(h) * (1 + scale) + shift  # Modulate features
+                # Modulate features: norm2(h) * (1 + scale) + shift
+                h = self.norm2(h, (scale, shift), activation=self.activation, dropout_rate=dropout_rate)
         else:
-            h = self.norm2(h)
-        h = self.activation(h)
-        h = self.drop(h, deterministic=not train)
+            h = self.norm2(h, activation=self.activation, dropout_rate=dropout_rate)
         h = self.conv2(h)
         if x.shape[-1] != self.out_channels:
             residual = self.skip_connection(residual)
@@ -436,7 +502,7 @@ class UNet(nn.Module):
             if level != 0:
                 h = self.upsamples[i](h)
 
-        h = self.conv_out(nn.silu(self.norm_out(h)))
+        h = self.conv_out(self.norm_out(h, activation=nn.silu))
         return h.astype(jnp.float32)
 
     def _check_inputs(self, x: Array, t: Array, y: Array | None, context: Array | None) -> Array:
