@@ -58,13 +58,14 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
     `scale_shift` pair (s, t), then the elementwise `activation`, then dropout at `dropout_rate` drawn
     from `dropout_key` (flax.linen.Dropout's arithmetic): float32 inside, rounded to `dtype` once.
 
-    One fused operation in both modes of differentiation. Its derivative is written out (a jax.custom_jvp
-    whose tangent is linear, so JAX transposes it for reverse mode) and checkpointed so that only the
-    input and two numbers per group are kept: the backward pass recomputes the rest elementwise,
-    dropout's mask from its key, and reads the activations twice, once for all its sums and once for
-    the input's gradient. Differentiated op by op, the float32 normalised, modulated and activated maps
-    and dropout's mask were kept and read back, and every sum was a pass of its own: the largest
-    memory traffic of a bfloat16 train step on a GPU (docs/benchmarks.md).
+    One fused operation in both modes of differentiation (jvp and jacfwd as well as grad). Its derivative
+    is written out, a jax.custom_jvp whose tangent is linear, so JAX transposes it for reverse mode, and
+    checkpointed to keep only the input, three numbers per group and the activation's slope (its
+    derivative with dropout's mask applied, in `dtype`): the backward pass reads the activations twice,
+    once for all its sums and once for the input's gradient, and recomputes the rest elementwise.
+    Differentiated op by op, the float32 normalised, modulated and activated maps and dropout's mask
+    were kept and read back, and every sum was a pass of its own: the largest memory traffic of a
+    bfloat16 train step on a GPU (docs/benchmarks.md).
     """
     zeros = jnp.zeros((1, 1, 1, x.shape[-1]), jnp.float32)
     time_scale, time_shift = (zeros, zeros) if scale_shift is None else scale_shift
@@ -74,8 +75,8 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _fused(x, scale, bias, time_scale, time_shift, dropout_key, num_groups, epsilon, dtype,
-                           activation, dropout_rate):
+def _fused(x, scale, bias, time_scale, time_shift, dropout_key, num_groups, epsilon, dtype, activation,
+           dropout_rate):
     normalized, _ = _normalize(x, num_groups, epsilon)
     return _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_key, activation,
                      dropout_rate)[0].astype(dtype)
@@ -83,33 +84,39 @@ def _fused(x, scale, bias, time_scale, time_shift, dropout_key, num_groups, epsi
 
 @_fused.defjvp
 def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, tangents):
-    """The derivative as  k * (A dx + Q + n P): n the normalised input, k the activation's and dropout's
-    elementwise derivative, A = (1 + s) scale / std per (sample, channel), and Q, P per (sample, channel)
-    from the parameters' tangents and the group means of dx and n dx (GroupNorm's textbook derivative,
-    dn = (dx - mean(dx) - n mean(n dx)) / std). The means of (1, n) * dx come from one reduction, whose
-    transpose is the backward pass's one reduction."""
+    """The derivative as  k (a dx + q + n p):  n the normalised input, k the activation's and dropout's
+    elementwise derivative, a = (1 + s) scale / std, and q, p per (sample, channel) from the parameters'
+    tangents and the group means of dx and n dx (GroupNorm's textbook derivative,
+    dn = (dx - mean(dx) - n mean(n dx)) / std).
+
+    Both pairs of sums are written as one complex sum, over dx (1 + in) and of (q - ip)(1 + in), whose
+    real part is q + n p: one pass over the activations each, forward and (transposed) backward. As two
+    real sums, XLA computes one and writes the other's float32 operand out for a second kernel.
+    """
     x, scale, bias, time_scale, time_shift, dropout_key = primals
     dx, dscale, dbias, dtime_scale, dtime_shift, _ = tangents
     normalized, inverse_std = _normalize(x, num_groups, epsilon)
     out, slope = _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_key, activation,
                            dropout_rate)
-    # Kept for the backward pass in `dtype`: recomputing it (an exponential, dropout's random bits) in each
-    # of the backward pass's two kernels is what XLA declines, writing float32 maps instead.
+    # Kept for the backward pass, in `dtype`: recomputed (an exponential and dropout's random bits) it is
+    # wanted by both of the backward pass's kernels, and XLA writes it out in float32 rather than twice.
     slope = checkpoint_name(slope.astype(dtype), ACTIVATION_SLOPE).astype(jnp.float32)
-    per_sample = (x.shape[0], 1, 1, x.shape[-1])  # every coefficient per (sample, channel): see below
+    one_and_normalized = jax.lax.complex(jnp.ones_like(normalized), normalized)
+    per_sample = (x.shape[0], 1, 1, x.shape[-1])  # coefficients per (sample, channel), so the sums are too
     one_plus_s = 1 + time_scale.astype(jnp.float32)
     a = jnp.broadcast_to(one_plus_s * scale * inverse_std, per_sample)
     dx = dx.astype(jnp.float32)
-    mean_dx, mean_normalized_dx = (_group_mean(v, num_groups) for v in (dx, normalized * dx))
+    means = _group_mean(dx * one_and_normalized, num_groups)  # mean(dx) + i mean(n dx)
     dtime_scale, dtime_shift = dtime_scale.astype(jnp.float32), dtime_shift.astype(jnp.float32)
-    q = -a * mean_dx + jnp.broadcast_to(one_plus_s * dbias + bias * dtime_scale + dtime_shift, per_sample)
-    p = -a * mean_normalized_dx + jnp.broadcast_to(one_plus_s * dscale + scale * dtime_scale, per_sample)
-    dm = a * dx + q + normalized * p
+    q = -a * jnp.real(means) + jnp.broadcast_to(one_plus_s * dbias + bias * dtime_scale + dtime_shift, per_sample)
+    p = -a * jnp.imag(means) + jnp.broadcast_to(one_plus_s * dscale + scale * dtime_scale, per_sample)
+    dm = a * dx + jnp.real(jax.lax.complex(q, -p) * one_and_normalized)
     return out.astype(dtype), (slope * dm).astype(dtype)
 
 
-_group_norm_activation = jax.checkpoint(_fused, static_argnums=(6, 7, 8, 9, 10),
-                                        policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS, ACTIVATION_SLOPE))
+_group_norm_activation = jax.checkpoint(
+    _fused, static_argnums=(6, 7, 8, 9, 10),
+    policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS, ACTIVATION_SLOPE))
 
 
 def _normalize(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
