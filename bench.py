@@ -1,24 +1,34 @@
-"""Time the train step (forward, backward, AdamW, EMA) of the Flax UNet and the PyTorch reference,
-side by side in one process, and DDIM sampling throughput.
+"""Time the train step (forward, backward, AdamW, clipping, EMA) of the Flax UNet against the PyTorch
+reference at its strongest, side by side in one process, and DDIM sampling throughput.
 
     python bench.py --preset digits --device cpu
     python bench.py --preset cifar10 --device cpu --batch-size 8
-    python bench.py --preset cifar10 --device gpu --json gpu.json       # float32 (TF32 off) and bf16
-    python bench.py --preset cifar10 --device gpu --dtype bfloat16      # bf16 only
+    python bench.py --preset cifar10 --device gpu --json gpu.json    # bfloat16, tensorfloat32, float32
+    python bench.py --preset cifar10 --device gpu --precision bfloat16 --torch-variants eager compile
 
-On CPU the JAX step is timed twice: on one CPU device, and data-parallel over one CPU device per
-core (`--cpu-devices`, the batch split between them), since XLA:CPU runs each small convolution on
-a single core; `jax_step_s` is the faster of the two and `jax_best_variant` names it.
+Precisions (`--precision`, in this order): bfloat16 (Flax `dtype=bfloat16`, float32 params; PyTorch
+under bf16 autocast), tensorfloat32 (JAX `default_matmul_precision("tensorfloat32")`; PyTorch with TF32
+matmuls and cuDNN convolutions; on a CPU both are float32) and float32 (strict on both sides).
 
-Same config (parameter counts checked equal), batch, AdamW, clipping, EMA and loss on both sides, data
-already on the device; JAX jitted with the state donated and `block_until_ready`, PyTorch with
-`torch.cuda.synchronize()` on GPU. Compile time is reported apart; the step time is the median over
---steps (20 on CPU, 200 on GPU by default). The pair is timed twice, interleaved, so the spread between
-repeats shows the noise. Ratios are JAX / PyTorch from this one run.
+PyTorch at its strongest: channels_last, `F.scaled_dot_product_attention` in the attention blocks (a
+benchmark-only path; the reference stays the seed's code, and a test holds both to 1e-5), AdamW with
+`fused=True` on CUDA, eager and `torch.compile` in its default mode and in
+`max-autotune-no-cudagraphs` (`--torch-variants`); the best variant is the denominator. On CPU the JAX
+step is also timed data-parallel over one CPU device per core (`--cpu-devices`).
+
+The same math on both sides (a test proves it step by step): AdamW with the same masks, learning-rate
+warm-up, global-norm clipping, EMA, the loss weighting, label dropout; JAX jitted with the state donated.
+Each variant is warmed up (compiled, autotuned) before any timed region, then timed in at least three
+interleaved repeats, each as a training loop runs (--steps steps back to back, one device sync at the
+end: `step_s`) and step by step (a sync after each: the median, `step_s_median`). Peak memory is read
+per variant (PyTorch's counter reset before each; JAX's peak only rises, so it is read after JAX's runs).
+FLOPs are XLA's count of the step lowered for the CPU; MFU is against the GPU's dense peak for the
+precision (bf16, TF32).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,11 +37,13 @@ import resource
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from unet_flax import reference, training
 from unet_flax.cli import UsageError, add_config_flags, given_fields, run_command
@@ -40,13 +52,21 @@ from unet_flax.unet_config import UNetConfig
 from unet_flax.convert import flax_to_torch
 from unet_flax.sampling import generate
 
-BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PRECISIONS = ("bfloat16", "tensorfloat32", "float32")
+TORCH_VARIANTS = {"eager": None, "compile": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+# Dense tensor-core peaks from the data sheets (SXM), per precision.
+PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "tensorfloat32": 495e12},
+              "H200": {"bfloat16": 989e12, "tensorfloat32": 495e12},
+              "A100": {"bfloat16": 312e12, "tensorfloat32": 156e12}}
+JAX_MATMUL_PRECISION = {"bfloat16": "default", "tensorfloat32": "tensorfloat32", "float32": "float32"}
 
 
-def bench_config(preset: str, batch_size: int | None, dtype: str, model_overrides: dict | None = None) -> TrainConfig:
-    """The preset with a class label when it is class-conditional, `dtype`, and the model flags given."""
+def bench_config(preset: str, batch_size: int | None, precision: str, model_overrides: dict | None = None) -> TrainConfig:
+    """The preset with a class label when it is class-conditional, the model flags given, computing in
+    bfloat16 for the bfloat16 precision and in float32 otherwise."""
     config = PRESETS[preset]
     num_classes = 10 if config.class_conditional else None
+    dtype = "bfloat16" if precision == "bfloat16" else "float32"
     model = dataclasses.replace(config.model, **(model_overrides or {}), num_classes=num_classes, dtype=dtype)
     return dataclasses.replace(config, model=model, batch_size=batch_size or config.batch_size, steps=10**6)
 
@@ -63,7 +83,7 @@ def count(tree) -> int:
 
 
 class JaxStep:
-    """The jitted train step, data-parallel over `devices` (one device: plain jit)."""
+    """The production train step, jitted data-parallel over `devices` (one device: plain jit)."""
 
     def __init__(self, config: TrainConfig, devices: list):
         mesh = training.data_mesh(devices)
@@ -74,15 +94,175 @@ class JaxStep:
         self.batch = jax.device_put(make_batch(config), jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec(training.DATA_AXIS)))
         self.rng = jax.random.PRNGKey(1)
+        self.device = devices[0]
         start = time.perf_counter()
         self.compiled = self.step_fn.lower(self.state, self.batch, self.rng).compile()
         self.compile_s = time.perf_counter() - start
 
-    def __call__(self) -> float:
+    def __call__(self) -> None:
+        self.state, self.metrics = self.compiled(self.state, self.batch, self.rng)
+
+    def synchronize(self) -> None:
+        jax.block_until_ready((self.state, self.metrics))
+
+    def peak_bytes(self) -> int | None:
+        return (self.device.memory_stats() or {}).get("peak_bytes_in_use")
+
+
+def sdpa_attention(self: reference.AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """reference.AttentionBlock.forward with F.scaled_dot_product_attention (fused kernels): the same heads,
+    the same scale, the same channel order."""
+    b, c, h, w = x.shape
+    qkv = self.to_qkv(self.norm(x))
+    # (b, 3c, h, w) -> 3 x (b, heads, h*w, head_dim), head n owning channels n*head_dim.. of each third
+    q, k, v = qkv.reshape(b, 3, self.num_heads, self.head_dim, h * w).transpose(-1, -2).unbind(1)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(-1, -2).reshape(b, c, h, w)
+    return (self.to_out(out) + x) / self.output_scale
+
+
+def with_sdpa_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """The model with every self-attention block computing through sdpa_attention (benchmark-only)."""
+    for module in model.modules():
+        if isinstance(module, reference.AttentionBlock):
+            module.forward = types.MethodType(sdpa_attention, module)
+    return model
+
+
+def torch_weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """training.decays' mask for PyTorch: conv and linear weights decay; biases, GroupNorm scales and the
+    label embedding do not."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+
+
+@contextlib.contextmanager
+def torch_precision(precision: str):
+    """TF32 matmuls and cuDNN convolutions for 'tensorfloat32', off otherwise (PyTorch's global switches)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tensorfloat32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class TorchStep:
+    """training.make_train_step's step in PyTorch: the reference U-Net (channels_last, SDPA attention),
+    AdamW with the same decay mask and warm-up, global-norm clipping as optax's, EMA, the loss weighting
+    and label dropout. `step` takes the draws (t, noise, dropped labels), so a test can hand it JAX's;
+    a call draws them with torch."""
+
+    def __init__(self, config: TrainConfig, flax_params, device: str, variant: str, precision: str = "float32"):
+        self.config, self.device, self.precision = config, torch.device(device), precision
+        model = reference.UNet(dataclasses.replace(config.model, dtype="float32"))
+        reference.load_numpy_state_dict(model, flax_to_torch(flax_params))
+        self.raw_model = with_sdpa_attention(model).to(self.device, memory_format=torch.channels_last).train()
+        mode = TORCH_VARIANTS[variant]
+        self.model = self.raw_model if mode is None else torch.compile(self.raw_model, mode=mode)
+        self.ema = [p.detach().clone() for p in self.raw_model.parameters()]
+        self.optimizer = torch.optim.AdamW(torch_weight_decay_groups(self.raw_model, config.weight_decay),
+                                           lr=config.lr, betas=(config.adam_b1, config.adam_b2), eps=config.adam_eps,
+                                           fused=self.device.type == "cuda")
+        lr = training.learning_rate(config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: float(lr(s)) / config.lr)
+        self.abar = reference.alphas_cumprod(config.noise_schedule, config.timesteps).to(self.device)
+        batch = make_batch(config)
+        self.x0 = self.to_nchw(batch["image"])
+        self.y = torch.from_numpy(batch["label"]).long().to(self.device) if config.model.num_classes else None
+        self.step_count = 0
+        self.compile_s = None
+
+    def warm_up(self) -> "TorchStep":
+        """The first step, timed apart: torch.compile compiles in it, cuDNN picks its algorithms."""
         start = time.perf_counter()
-        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
-        jax.block_until_ready((self.state, metrics))
-        return time.perf_counter() - start
+        self()
+        self.synchronize()
+        self.compile_s = time.perf_counter() - start
+        return self
+
+    def to_nchw(self, images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(images).transpose(0, 3, 1, 2)).to(
+            self.device).contiguous(memory_format=torch.channels_last)
+
+    def __call__(self) -> None:
+        t = torch.randint(0, self.config.timesteps, (self.x0.shape[0],), device=self.device)
+        dropped = torch.rand(t.shape, device=self.device) < self.config.label_dropout if self.y is not None else None
+        self.step(self.x0, t, torch.randn_like(self.x0), dropped)
+
+    def step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+        config = self.config
+        y = None if self.y is None else torch.where(dropped, torch.full_like(self.y, config.model.num_classes), self.y)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            loss = reference.diffusion_loss(self.model, self.abar, x0, t, noise, y, prediction=config.prediction,
+                                            min_snr_gamma=config.min_snr_gamma)
+        loss.backward()
+        params = list(self.raw_model.parameters())
+        if config.grad_clip > 0:  # optax.clip_by_global_norm: scale by max_norm / norm where norm exceeds it
+            grads = [p.grad for p in params]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            torch._foreach_mul_(grads, torch.clamp(config.grad_clip / norm, max=1.0))
+        self.optimizer.step()
+        self.scheduler.step()
+        decay = training.ema_decay(config.ema_decay, self.step_count)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, params, 1 - decay)
+        self.step_count += 1
+        return loss
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def reset_peak_bytes(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_bytes(self) -> int | None:
+        return torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None
+
+
+def median_times(step, warmup: int, steps: int) -> list[float]:
+    """Per-step wall times, each step synchronised, after `warmup` untimed steps."""
+    for _ in range(warmup):
+        step()
+    step.synchronize()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        step.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def loop_time(step, steps: int) -> float:
+    """Seconds per step over `steps` steps run back to back, as a training loop runs them: one sync at the end."""
+    step.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def timed_repeats(steppers: dict, steps: int, repeats: int, warmup: int = 3) -> dict[str, dict]:
+    """Each stepper warmed up, then timed in `repeats` interleaved rounds (loop and per-step median)."""
+    for step in steppers.values():
+        median_times(step, warmup, 0)
+    times = {name: {"loop": [], "median": [], "peak_bytes": None} for name in steppers}
+    for _ in range(repeats):
+        for name, step in steppers.items():
+            if hasattr(step, "reset_peak_bytes"):
+                step.reset_peak_bytes()
+            times[name]["loop"].append(loop_time(step, steps))
+            times[name]["median"].append(statistics.median(median_times(step, 0, steps)))
+            peak = step.peak_bytes()
+            times[name]["peak_bytes"] = None if peak is None else max(peak, times[name]["peak_bytes"] or 0)
+    return times
 
 
 def step_flops(config: TrainConfig, state, batch, rng) -> float:
@@ -100,75 +280,10 @@ def step_flops(config: TrainConfig, state, batch, rng) -> float:
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
-class TorchStep:
-    """The same step in PyTorch: AdamW with the same warm-up, global-norm clipping, EMA."""
-
-    def __init__(self, config: TrainConfig, flax_params, device: str, variant: str):
-        self.config, self.device = config, torch.device(device)
-        model = reference.UNet(dataclasses.replace(config.model, dtype="float32"))
-        reference.load_numpy_state_dict(model, flax_to_torch(flax_params))
-        model = model.to(self.device).train()
-        self.autocast = variant.startswith("bf16")
-        if self.autocast:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = torch.compile(model) if variant.endswith("compile") else model
-        self.raw_model = model
-        self.ema = [p.detach().clone() for p in model.parameters()]
-        lr = training.learning_rate(config)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.adam_b1, config.adam_b2),
-                                           eps=config.adam_eps, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: float(lr(s)) / config.lr)
-        self.abar = reference.alphas_cumprod(config.noise_schedule, config.timesteps).to(self.device)
-        batch = make_batch(config)
-        self.x0 = torch.from_numpy(batch["image"].transpose(0, 3, 1, 2)).to(self.device)
-        if self.autocast:
-            self.x0 = self.x0.contiguous(memory_format=torch.channels_last)
-        self.y = torch.from_numpy(batch["label"]).long().to(self.device) if config.model.num_classes else None
-        self.step_count = 0
-        self.compile_s = self._timed() if variant.endswith("compile") else 0.0
-
-    def _step(self) -> None:
-        config = self.config
-        t = torch.randint(0, config.timesteps, (self.x0.shape[0],), device=self.device)
-        noise = torch.randn_like(self.x0)
-        y = self.y
-        if y is not None:
-            y = torch.where(torch.rand(y.shape, device=self.device) < config.label_dropout,
-                            torch.full_like(y, config.model.num_classes), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = reference.diffusion_loss(self.model, self.abar, self.x0, t, noise, y, prediction=config.prediction)
-        loss.backward()
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), config.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        decay = training.ema_decay(config.ema_decay, self.step_count)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema, list(self.raw_model.parameters()), 1 - decay)
-        self.step_count += 1
-
-    def _timed(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        self._step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    __call__ = _timed
-
-
-def median_times(step, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        step()
-    return [step() for _ in range(steps)]
-
-
 def sampling_throughput(config: TrainConfig, flax_params, torch_model, devices: list, torch_device: str,
                         images: int = 64, num_steps: int = 50) -> dict:
-    """DDIM images/s of both frameworks from the same weights; JAX's batch split over `devices`."""
+    """DDIM images/s of both frameworks from the same weights at float32, each warmed up first (JAX's
+    compile, cuDNN's autotuning); JAX's batch split over `devices`."""
     m = config.model
     shape = (images, m.image_size, m.image_size, m.in_channels)
     labels = jnp.arange(images, dtype=jnp.int32) % 10 if m.num_classes else None
@@ -178,29 +293,36 @@ def sampling_throughput(config: TrainConfig, flax_params, torch_model, devices: 
                 if len(devices) > 1 else None)
 
     def jax_run():
-        return generate(params, jax.random.PRNGKey(0), labels, model_config=m, shape=shape, num_steps=num_steps,
-                        schedule_name=config.noise_schedule, timesteps=config.timesteps,
-                        prediction=config.prediction, batch_sharding=sharding).block_until_ready()
-    start = time.perf_counter()
-    jax_run()
-    compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    jax_run()
-    jax_s = time.perf_counter() - start
+        generate(params, jax.random.PRNGKey(0), labels, model_config=m, shape=shape, num_steps=num_steps,
+                 schedule_name=config.noise_schedule, timesteps=config.timesteps,
+                 prediction=config.prediction, batch_sharding=sharding).block_until_ready()
 
     abar = reference.alphas_cumprod(config.noise_schedule, config.timesteps).to(torch_device)
-    x_T = torch.randn(images, m.in_channels, m.image_size, m.image_size, device=torch_device)
+    x_T = torch.randn(images, m.in_channels, m.image_size, m.image_size,
+                      device=torch_device).contiguous(memory_format=torch.channels_last)
     y = torch.arange(images, device=torch_device) % 10 if m.num_classes else None
+
+    def torch_run(steps=num_steps):
+        reference.ddim_sample(torch_model, abar, x_T, steps, y, prediction=config.prediction)
+        if torch_device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(run) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
     torch_model.eval()
-    start = time.perf_counter()
-    reference.ddim_sample(torch_model, abar, x_T, num_steps, y, prediction=config.prediction)
-    if torch_device == "cuda":
-        torch.cuda.synchronize()
-    torch_s = time.perf_counter() - start
+    compile_s = timed(jax_run)
+    timed(lambda: torch_run(1))  # the warm-up: cuDNN picks its algorithms for these shapes
+    jax_s, torch_s = [], []
+    for _ in range(2):
+        jax_s.append(timed(jax_run))
+        torch_s.append(timed(torch_run))
     torch_model.train()
     return {"sampling_images": images, "sampling_steps": num_steps, "jax_sampling_devices": len(devices),
-            "jax_sampling_img_per_s": images / jax_s,
-            "torch_sampling_img_per_s": images / torch_s, "jax_sampling_compile_s": compile_s - jax_s}
+            "jax_sampling_img_per_s": images / min(jax_s), "torch_sampling_img_per_s": images / min(torch_s),
+            "jax_sampling_compile_s": compile_s - min(jax_s)}
 
 
 def jax_variants(config: TrainConfig, device_kind: str, cpu_devices: int) -> dict[str, list]:
@@ -225,67 +347,64 @@ def run(args: argparse.Namespace, model_overrides: dict) -> dict:
     except RuntimeError as error:
         raise UsageError(f"--device {args.device}: JAX has no such device here ({str(error).splitlines()[0]})") from None
     torch_device = "cuda" if args.device == "gpu" else "cpu"
-    steps = args.steps or (200 if args.device == "gpu" else 20)
+    steps = args.steps or (50 if args.device == "gpu" else 20)
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count())
     else:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
-    precisions = args.dtype or ["float32"] + (["bfloat16"] if args.device == "gpu" else [])
+    precisions = args.precision or (list(PRECISIONS) if args.device == "gpu" else ["float32"])
+    torch_variants = args.torch_variants or (list(TORCH_VARIANTS) if args.device == "gpu" else ["eager"])
     result = {"preset": args.preset, "device": args.device, "device_kind": device.device_kind,
-              "batch_size": None, "steps": steps, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-              "torch_threads": torch.get_num_threads(), "jax": jax.__version__, "torch": torch.__version__,
-              "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}}
-    for dtype in precisions:
-        config = bench_config(args.preset, args.batch_size, dtype, model_overrides)
+              "batch_size": None, "steps": steps, "repeats": args.repeats, "machine": platform.machine(),
+              "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+              "torch": torch.__version__, "python": platform.python_version(),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "runs": {}}
+    peaks = next((v for k, v in PEAK_FLOPS.items() if k in device.device_kind), {})
+    for precision in precisions:
+        config = bench_config(args.preset, args.batch_size, precision, model_overrides)
         result["batch_size"] = config.batch_size
-        with jax.default_matmul_precision("float32" if dtype == "float32" else "default"):
+        with jax.default_matmul_precision(JAX_MATMUL_PRECISION[precision]), torch_precision(precision):
             device_lists = jax_variants(config, args.device, args.cpu_devices)
             jax_steps = {v: JaxStep(config, devices) for v, devices in device_lists.items()}
             params_host = jax_steps["1-device"].params_host
-            prefix = "bf16-" if dtype == "bfloat16" else ""  # PyTorch under autocast to bf16
-            variants = [prefix + v for v in (["eager"] if args.device == "cpu" else ["eager", "compile"])]
-            torch_steps = {v: TorchStep(config, params_host, torch_device, v) for v in variants}
-            n_torch = sum(p.numel() for p in torch_steps[variants[0]].raw_model.parameters())
+            torch_steps = {v: TorchStep(config, params_host, torch_device, v, precision).warm_up()
+                           for v in torch_variants}
+            n_torch = sum(p.numel() for p in next(iter(torch_steps.values())).raw_model.parameters())
             if n_torch != count(params_host):
                 raise RuntimeError(f"parameter counts differ: jax {count(params_host)}, torch {n_torch}")
             steppers = {f"jax_{v}": step for v, step in jax_steps.items()}
             steppers.update({f"torch_{v}": step for v, step in torch_steps.items()})
-            times = {name: [] for name in steppers}
-            for _ in range(2):  # interleaved repeats: the spread between them is the noise
-                for name, step in steppers.items():
-                    times[name].append(statistics.median(median_times(step, 3, steps)))
-        run_result = {"model": dataclasses.asdict(config.model), "parameters": n_torch, "timed": list(steppers)}
-        for name, step in steppers.items():
-            run_result[f"{name}_step_s"] = min(times[name])
-            run_result[f"{name}_step_s_repeats"] = times[name]
-            run_result[f"{name}_img_per_s"] = config.batch_size / min(times[name])
-            run_result[f"{name}_compile_s"] = step.compile_s
-        for framework, names in (("jax", jax_steps), ("torch", torch_steps)):
-            best = min(names, key=lambda v: run_result[f"{framework}_{v}_step_s"])
-            run_result[f"{framework}_best_variant"] = best
-            run_result[f"{framework}_step_s"] = run_result[f"{framework}_{best}_step_s"]
-            run_result[f"{framework}_img_per_s"] = config.batch_size / run_result[f"{framework}_step_s"]
-        run_result["jax_compile_s"] = jax_steps[run_result["jax_best_variant"]].compile_s
-        one_device = jax_steps["1-device"]
-        run_result["jax_flops_per_step"] = step_flops(config, one_device.state, one_device.batch, one_device.rng)
-        run_result["jax_over_torch_step_time"] = run_result["jax_step_s"] / run_result["torch_step_s"]
-        for framework in ("jax", "torch"):  # the same model and step: one FLOP count serves both
-            step_s = run_result[f"{framework}_step_s"]
-            run_result[f"{framework}_tflop_per_s"] = run_result["jax_flops_per_step"] / step_s / 1e12
-        if args.device == "gpu":
-            peak = next((v for k, v in BF16_PEAK_FLOPS.items() if k in device.device_kind), None)
-            if dtype == "bfloat16" and peak is not None:  # MFU against the bf16 dense peak, for bf16 runs only
-                run_result["jax_mfu"] = run_result["jax_tflop_per_s"] * 1e12 / peak
-            run_result["jax_peak_bytes"] = device.memory_stats().get("peak_bytes_in_use")
-            run_result["torch_peak_bytes"] = torch.cuda.max_memory_allocated()
-        if dtype == "float32" and args.sampling:
-            with jax.default_matmul_precision("float32"):  # as PyTorch's, TF32 off: full float32 on both sides
-                run_result.update(sampling_throughput(config, params_host, torch_steps[variants[0]].raw_model,
+            times = timed_repeats(steppers, steps, args.repeats)
+            run_result = {"precision": precision, "model": dataclasses.asdict(config.model), "parameters": n_torch,
+                          "timed": list(steppers)}
+            for name, step in steppers.items():
+                run_result[f"{name}_step_s"] = min(times[name]["loop"])
+                run_result[f"{name}_step_s_repeats"] = times[name]["loop"]
+                run_result[f"{name}_step_s_median"] = min(times[name]["median"])
+                run_result[f"{name}_step_s_median_repeats"] = times[name]["median"]
+                run_result[f"{name}_img_per_s"] = config.batch_size / run_result[f"{name}_step_s"]
+                run_result[f"{name}_compile_s"] = step.compile_s
+                run_result[f"{name}_peak_bytes"] = times[name]["peak_bytes"]
+            for framework, names in (("jax", jax_steps), ("torch", torch_steps)):
+                best = min(names, key=lambda v: run_result[f"{framework}_{v}_step_s"])
+                run_result[f"{framework}_best_variant"] = best
+                run_result[f"{framework}_step_s"] = run_result[f"{framework}_{best}_step_s"]
+                run_result[f"{framework}_img_per_s"] = config.batch_size / run_result[f"{framework}_step_s"]
+            run_result["jax_compile_s"] = jax_steps[run_result["jax_best_variant"]].compile_s
+            one_device = jax_steps["1-device"]
+            run_result["jax_flops_per_step"] = step_flops(config, one_device.state, one_device.batch, one_device.rng)
+            run_result["jax_over_torch_step_time"] = run_result["jax_step_s"] / run_result["torch_step_s"]
+            for framework in ("jax", "torch"):  # the same model and step: one FLOP count serves both
+                flop_rate = run_result["jax_flops_per_step"] / run_result[f"{framework}_step_s"]
+                run_result[f"{framework}_tflop_per_s"] = flop_rate / 1e12
+                if precision in peaks:
+                    run_result[f"{framework}_mfu"] = flop_rate / peaks[precision]
+            if precision == "float32" and args.sampling:
+                run_result.update(sampling_throughput(config, params_host, torch_steps[torch_variants[0]].raw_model,
                                                       device_lists[run_result["jax_best_variant"]], torch_device))
-        result["runs"][dtype] = run_result
+        result["runs"][precision] = run_result
         write_json(args.json, result)  # each precision as it ends: a run cut short keeps what it measured
+        del jax_steps, torch_steps, steppers
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     first = result["runs"][precisions[0]]
     for key in ("jax_step_s", "torch_step_s", "jax_img_per_s", "torch_img_per_s", "jax_compile_s",
@@ -302,19 +421,21 @@ def write_json(path: str | None, result: dict) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    for name in ("steps", "batch_size"):
+    for name in ("steps", "batch_size", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.cpu_devices < 1:
         raise UsageError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
-    # The model flags (but --dtype, bench.py's own), checked before anything is compiled.
+    # The model flags (but the dtype, which --precision sets), checked before anything is compiled.
     model_overrides = {k: v for k, v in given_fields(args, UNetConfig).items() if k != "dtype"}
     bench_config(args.preset, args.batch_size, "float32", model_overrides)
+    if args.device == "cpu" and {"compile", "max-autotune"} & set(args.torch_variants or ()):
+        print("note: torch.compile on a CPU compiles C++ for minutes on a small machine", file=sys.stderr)
     result = run(args, model_overrides)
-    for dtype, r in result["runs"].items():
+    for precision, r in result["runs"].items():
         timings = ", ".join(f"{v} {r[f'{v}_step_s'] * 1e3:.1f} ms ({r[f'{v}_img_per_s']:.0f} img/s)"
                             for v in r["timed"])
-        print(f"{args.preset} {args.device} {dtype} batch {result['batch_size']}: {timings}; JAX compile "
+        print(f"{args.preset} {args.device} {precision} batch {result['batch_size']}: {timings}; JAX compile "
               f"{r['jax_compile_s']:.1f} s; best JAX / best PyTorch step time {r['jax_over_torch_step_time']:.2f}",
               file=sys.stderr)
     return {k: v for k, v in result.items() if k != "runs"}
@@ -325,19 +446,24 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="digits")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 20 CPU, 200 GPU)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps per timed loop and per median, each repeat (default 20 CPU, 50 GPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every variant")
     parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
                         help="CPU only: also time the JAX step data-parallel over this many CPU devices "
                              "(default: one per core; 1 turns it off)")
-    parser.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16"), default=None,
-                        help="the precisions to time, in this order (default: float32 on CPU; float32 and "
-                             "bfloat16 on GPU)")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=None,
+                        help="the precisions to time, in this order (default: float32 on CPU; all three on GPU, "
+                             "bfloat16 first)")
+    parser.add_argument("--torch-variants", nargs="+", choices=list(TORCH_VARIANTS), default=None,
+                        help="PyTorch variants: eager, torch.compile (default mode), torch.compile "
+                             "(max-autotune-no-cudagraphs) (default: eager on CPU, all on GPU)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-sampling", dest="sampling", action="store_false",
                         help="skip the sampling measurement (64 images x 50 DDIM steps: minutes for cifar10 on a CPU)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     add_config_flags(parser.add_argument_group("model: the preset's, but for the flags given (shown: digits')"),
-                     PRESETS["digits"].model, skip=frozenset({"dtype"}))  # --dtype above: one run per precision
+                     PRESETS["digits"].model, skip=frozenset({"dtype"}))  # --precision above sets it
     args = parser.parse_args(argv)
     return run_command(measure, args)
 

@@ -269,12 +269,18 @@ def q_sample(abar, x0, t, noise):
     return abar_t.sqrt() * x0 + (1 - abar_t).sqrt() * noise
 
 
-def diffusion_loss(model, abar, x0, t, noise, y=None, context=None, prediction="epsilon"):
-    """Unweighted MSE to the epsilon or v target, averaged over the batch (diffusion.diffusion_loss)."""
+def diffusion_loss(model, abar, x0, t, noise, y=None, context=None, prediction="epsilon", min_snr_gamma=None):
+    """MSE to the epsilon or v target, Min-SNR-gamma weighted where gamma is given, averaged over the batch
+    (diffusion.diffusion_loss)."""
     output = model(q_sample(abar, x0, t, noise), t, y, context)
     abar_t = abar[t].view(-1, *([1] * (x0.ndim - 1)))
     target = noise if prediction == "epsilon" else abar_t.sqrt() * noise - (1 - abar_t).sqrt() * x0
-    return ((output - target) ** 2).mean()
+    per_example = ((output.float() - target) ** 2).flatten(1).mean(1)
+    if min_snr_gamma is None:
+        return per_example.mean()
+    snr = abar[t] / (1 - abar[t])
+    clipped = snr.clamp(max=min_snr_gamma)
+    return (per_example * (clipped / snr if prediction == "epsilon" else clipped / (snr + 1))).mean()
 
 
 def _x0_and_noise(abar_t, x_t, output, prediction):

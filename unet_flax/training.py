@@ -156,19 +156,10 @@ def _make_train_step(config: TrainConfig) -> StepFn:
         images = batch["image"]
         if images.dtype == jnp.uint8:  # batches leave the host as uint8 and are scaled here, on the device
             images = diffusion.from_uint8(images)
-        local_batch = images.shape[0]
-        step_key = jax.random.fold_in(rng, state.step)
-        example_ids = jax.lax.axis_index(DATA_AXIS) * local_batch + jnp.arange(local_batch)
-        # Example i draws from fold_in(step_key, i); the model's dropout from a separate stream.
-        example_key, dropout_key = jax.random.split(step_key)
-        keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(example_key, i), 3))(example_ids)
-        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, config.timesteps))(keys[:, 0])
-        noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:]))(keys[:, 1])
-        labels = None
-        if num_classes is not None:
-            # Classifier-free guidance: train a share of the examples with the null label.
-            dropped = jax.vmap(lambda k: jax.random.bernoulli(k, config.label_dropout))(keys[:, 2])
-            labels = jnp.where(dropped, num_classes, batch["label"])
+        example_ids = jax.lax.axis_index(DATA_AXIS) * images.shape[0] + jnp.arange(images.shape[0])
+        t, noise, dropped, dropout_key = step_randomness(config, rng, state.step, example_ids, images.shape[1:])
+        # Classifier-free guidance: train a share of the examples with the null label.
+        labels = None if num_classes is None else jnp.where(dropped, num_classes, batch["label"])
         dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
 
         def loss_fn(params):
@@ -196,6 +187,23 @@ def _make_train_step(config: TrainConfig) -> StepFn:
         return new_state, metrics
 
     return train_step
+
+
+def step_randomness(config: TrainConfig, rng: jax.Array, step: jax.Array | int, example_ids: jax.Array,
+                    image_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """A step's draws: each example's timestep, noise and whether its label is dropped (None for an
+    unconditional model), and the key the model's dropout draws from. Example i draws from
+    fold_in(step key, i), so the draws do not depend on how many devices share the batch; a test
+    hands the PyTorch side these very draws."""
+    step_key = jax.random.fold_in(rng, step)
+    example_key, dropout_key = jax.random.split(step_key)
+    keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(example_key, i), 3))(example_ids)
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, config.timesteps))(keys[:, 0])
+    noise = jax.vmap(lambda k: jax.random.normal(k, image_shape))(keys[:, 1])
+    dropped = None
+    if config.model.num_classes is not None:
+        dropped = jax.vmap(lambda k: jax.random.bernoulli(k, config.label_dropout))(keys[:, 2])
+    return t, noise, dropped, dropout_key
 
 
 # -- drivers -----------------------------------------------------------------------------------
