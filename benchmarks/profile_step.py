@@ -1,11 +1,15 @@
-"""Where the train step's time goes, JAX (jax.profiler) and PyTorch (torch.profiler), on the CPU.
+"""Where the train step's time goes, JAX (jax.profiler) and PyTorch (torch.profiler).
 
     PYTHONPATH=. python benchmarks/profile_step.py --preset digits [--cpu-devices 2]
+    PYTHONPATH=. python benchmarks/profile_step.py --preset cifar10 --device gpu --precision bfloat16 \
+        --out docs/bench/profile_h200_bf16.md
 
-JAX: traces a few steps, reads the trace with `jax.profiler.ProfileData` and sums the XLA:CPU
+CPU: traces a few steps, reads the trace with `jax.profiler.ProfileData` and sums the XLA:CPU
 thunks' time per kind (convolutions by direction, dots, reductions, elementwise fusions,
 transposes, collectives) over all worker threads, then prints how busy each thread was: a thread
 busy for less than the wall time is a core left idle. PyTorch: the same step's operators, self time.
+GPU: the JAX step only; the GPU's kernels from the same trace, by kind (convolution, attention,
+fusion, copy, reduce, GEMM, other: count and time per step) and the 20 longest, as markdown.
 """
 from __future__ import annotations
 
@@ -95,6 +99,60 @@ def profile_jax(config, devices: list):
     return step.params_host
 
 
+GPU_KERNEL_KINDS = (  # (kind, substrings of a kernel's name), first match wins
+    ("attention (cuDNN fused)", ("fmha", "flash", "fprop_", "bprop_")),
+    ("convolution", ("conv", "xmma", "implicit", "wgrad", "dgrad", "fprop", "cudnn")),
+    ("copy / layout", ("copy", "memcpy", "memset", "transpose")),
+    ("reduce fusion", ("reduce", "reduction")),
+    ("GEMM", ("gemm", "cutlass", "cublas", "triton")),
+    ("fusion (elementwise)", ("fusion",)),
+)
+
+
+def gpu_kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in GPU_KERNEL_KINDS if any(key in lowered for key in keys)), "other")
+
+
+def profile_jax_gpu(config, steps: int = TRACED_STEPS) -> str:
+    """The GPU kernels of `steps` traced train steps, by kind and the 20 longest, as a markdown report."""
+    step = bench.JaxStep(config, jax.devices("gpu")[:1])
+    wall = statistics.median(bench.median_times(step, 3, 20))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(steps):
+            step()
+        step.synchronize()
+        jax.profiler.stop_trace()
+        trace = ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    count, time_ns = collections.Counter(), collections.Counter()
+    for plane in trace.planes:
+        if not plane.name.startswith("/device:GPU:0"):
+            continue
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):  # the streams' kernels; other lines are derived views
+                continue
+            for event in line.events:
+                count[event.name] += 1
+                time_ns[event.name] += event.duration_ns
+    if not time_ns:
+        raise SystemExit("error: the trace holds no GPU kernels (no /device:GPU:0 plane with streams)")
+    kind_count, kind_ns = collections.Counter(), collections.Counter()
+    for name, ns in time_ns.items():
+        kind_count[gpu_kernel_kind(name)] += count[name]
+        kind_ns[gpu_kernel_kind(name)] += ns
+    per_step_ms = 1e6 * steps
+    lines = [f"# JAX train step on {jax.devices('gpu')[0].device_kind}: {config.model.dtype}, batch {config.batch_size}",
+             "", f"Step {wall * 1e3:.2f} ms wall (median of 20); kernels summed over {steps} traced steps, per step: "
+             f"{sum(kind_ns.values()) / per_step_ms:.2f} ms busy, {sum(kind_count.values()) / steps:.0f} kernels. "
+             f"jax {jax.__version__}.", "", "| kind | kernels per step | ms per step |", "|---|---|---|"]
+    lines += [f"| {kind} | {kind_count[kind] / steps:.0f} | {ns / per_step_ms:.3f} |" for kind, ns in kind_ns.most_common()]
+    lines += ["", "| the 20 longest kernels | kind | calls per step | ms per step |", "|---|---|---|---|"]
+    lines += [f"| `{name[:90]}` | {gpu_kernel_kind(name)} | {count[name] / steps:.0f} | {ns / per_step_ms:.3f} |"
+              for name, ns in time_ns.most_common(20)]
+    return "\n".join(lines) + "\n"
+
+
 def profile_torch(config, params_host) -> None:
     torch.set_num_threads(os.cpu_count())
     step = bench.TorchStep(config, params_host, "cpu", "eager")
@@ -120,11 +178,24 @@ def main() -> None:
     parser.add_argument("--preset", default="digits")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--cpu-devices", type=int, default=1, help="JAX CPU devices, the batch split over them")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--precision", choices=bench.PRECISIONS, default="float32")
+    parser.add_argument("--out", default=None, help="GPU: write the markdown report here too")
     args = parser.parse_args()
-    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
-    config = bench.bench_config(args.preset, args.batch_size, "float32")
-    params_host = profile_jax(config, jax.devices("cpu"))
-    profile_torch(config, params_host)
+    config = bench.bench_config(args.preset, args.batch_size, args.precision)
+    with jax.default_matmul_precision(bench.JAX_MATMUL_PRECISION[args.precision]):
+        if args.device == "gpu":
+            if jax.default_backend() != "gpu":
+                raise SystemExit(f"error: --device gpu: JAX has no GPU here (its backend is {jax.default_backend()})")
+            report = profile_jax_gpu(config)
+            print(report)
+            if args.out:
+                with open(args.out, "w") as f:
+                    f.write(report)
+            return
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+        params_host = profile_jax(config, jax.devices("cpu"))
+        profile_torch(config, params_host)
 
 
 if __name__ == "__main__":
