@@ -199,11 +199,14 @@ def test_forward_and_reverse_mode_agree_through_every_input():
     def f(params, x, t):
         return model.apply({"params": params}, x, t, y, context, train=True, rngs={"dropout": jax.random.key(4)})
     primals = (params, jnp.asarray(x), jnp.asarray(t, jnp.float32) + 0.5)
-    leaves, structure = jax.tree_util.tree_flatten(primals)
-    tangents = structure.unflatten([jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)])
-    out, forward = jax.jvp(f, primals, tangents)
-    cotangent = jax.random.normal(jax.random.key(len(leaves)), out.shape)
-    reverse = jax.vjp(f, *primals)[1](cotangent)
+    rng = np.random.default_rng(3)
+    tangents = jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape, np.float32), primals)
+    cotangent = rng.standard_normal(jax.eval_shape(f, *primals).shape, np.float32)
+
+    @jax.jit
+    def both_modes(primals, tangents, cotangent):
+        return jax.jvp(f, primals, tangents)[1], jax.vjp(f, *primals)[1](cotangent)
+    forward, reverse = both_modes(primals, tangents, cotangent)
     lhs = jnp.vdot(forward, cotangent)
     rhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(tangents), jax.tree_util.tree_leaves(reverse)))
     assert abs(lhs - rhs) <= 1e-5 * abs(lhs), (lhs, rhs)
