@@ -72,7 +72,7 @@ CASES = [
                                              "are 8, 4 wide (image_size 8, 2 levels)"),
     ("sample.py", ["--workdir", "{root}/trained", "--labels", "3,12"], 2, "label 12 out of range"),
     ("sample.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
-    ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2, "num_samples must be positive, got 0"),
+    ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2, "num_samples must be a positive integer, got 0"),
     ("evaluate.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
     ("evaluate.py", ["--workdir", "{root}/trained", "--num-samples", "1"], 2,
      "num_samples must be >= 2 for a Frechet distance, got 1"),
@@ -116,6 +116,24 @@ def test_bad_input(files, tmp_path, script, args, code, message):
     assert "Traceback" not in result.stderr
     assert snapshot(files / "trained") == before
     assert not (tmp_path / "w" / "checkpoints").exists() or script == T  # a refused import creates nothing
+
+
+NON_FINITE = [("--lr", "inf"), ("--weight-decay", "inf"), ("--adam-eps", "inf"), ("--grad-clip", "nan"),
+              ("--ema-decay", "nan"), ("--min-snr-gamma", "inf"), ("--guidance-scale", "inf"), ("--dropout", "nan"),
+              ("--norm-eps", "inf"), ("--mid-block-scale-factor", "inf")]
+
+
+@pytest.mark.parametrize("flag,value", NON_FINITE, ids=[f"{f} {v}" for f, v in NON_FINITE])
+def test_non_finite_settings_are_refused_before_anything_is_written(tmp_path, flag, value):
+    """inf and NaN pass a check written as a comparison the wrong way round (`not lr > 0` lets inf in):
+    each numeric field goes through unet_config.check_range, one line naming the field, exit 2, no workdir."""
+    result = run_main(T, "--workdir", str(tmp_path / "w"), *TINY, flag, value)
+    field = flag[2:].replace("-", "_")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field} must be a finite number"), lines
+    assert lines[0].endswith(f", got {float(value)!r}"), lines
+    assert not (tmp_path / "w").exists()
 
 
 def test_distributed_without_a_coordinator_or_cluster(tmp_path):

@@ -166,7 +166,8 @@ def test_ddpm_sampler_runs_every_training_step(uninterrupted, tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--labels", "3,12"], "label 12 out of range: this model has classes 0..9"),
     (["--step", "4"], "no checkpoint for step 4"),
-    (["--sampling-steps", "0"], "sampling_steps must be positive, got 0"),
+    (["--sampling-steps", "0"], "sampling_steps must be a positive integer, got 0"),
+    (["--eta", "nan"], "eta must be a finite number, got nan"),
     (["--sampling-steps", "1001"], "sampling_steps must be in 1..1000 (the model's timesteps), got 1001"),
     (["--labels", ","], "labels is empty: name at least one class"),
 ])

@@ -24,7 +24,7 @@ from .checkpoint import load_params
 from .model import UNet
 from .train_config import TrainConfig
 from .training import DATA_AXIS
-from .unet_config import ConfigError, UNetConfig, check_choices, require_null_label, setting
+from .unet_config import ConfigError, UNetConfig, check_choices, check_range, require_null_label, setting
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -53,10 +53,11 @@ class SamplingConfig:
             if not self.labels:
                 raise ConfigError("labels is empty: name at least one class, or leave labels out for every class")
         for name in ("num_samples", "sampling_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if not self.eta >= 0:
-            raise ConfigError(f"eta must be >= 0, got {self.eta}")
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("eta", self.eta, 0)
+        check_range("guidance_scale", self.guidance_scale, optional=True)
+        check_range("seed", self.seed, integer=True)
+        check_range("step", self.step, 0, integer=True, optional=True)
         check_choices(self)
 
     @classmethod

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 from .diffusion import PREDICTIONS, SCHEDULES, check_sampling_steps
-from .unet_config import (FREE, PER_PROCESS, ConfigError, UNetConfig, check_choices, fields_resumed,
+from .unet_config import (FREE, PER_PROCESS, ConfigError, UNetConfig, check_choices, check_range, fields_resumed,
                           require_null_label, setting)
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -71,24 +71,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "timesteps", "num_samples", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.data_workers is not None and self.data_workers < 0:
-            raise ConfigError(f"data_workers must be >= 0 or None, got {self.data_workers}")
+            check_range(name, getattr(self, name), 1, integer=True)
+        check_range("data_workers", self.data_workers, 0, integer=True, optional=True)
         for name in ("warmup_steps", "save_every", "sample_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            check_range(name, getattr(self, name), 0, integer=True)
+        check_range("seed", self.seed, integer=True)
         check_choices(self)
         for name in ("label_dropout", "ema_decay", "adam_b1", "adam_b2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        for name in ("weight_decay", "grad_clip", "adam_eps"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-            raise ConfigError(f"min_snr_gamma must be positive or None, got {self.min_snr_gamma}")
+            check_range(name, getattr(self, name), 0, 1, high_open=True)
+        check_range("lr", self.lr, 0, low_open=True)
+        for name in ("weight_decay", "grad_clip"):
+            check_range(name, getattr(self, name), 0)
+        check_range("adam_eps", self.adam_eps, 0)
+        check_range("min_snr_gamma", self.min_snr_gamma, 0, low_open=True, optional=True)
+        check_range("guidance_scale", self.guidance_scale)
         if self.model.out_channels != self.model.in_channels:
             raise ConfigError(f"model out_channels {self.model.out_channels} differs from in_channels "
                               f"{self.model.in_channels}: diffusion predicts noise shaped like its input")

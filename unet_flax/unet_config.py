@@ -5,6 +5,7 @@ Kept free of JAX and PyTorch imports so that either side, and the checkpoint cod
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,38 @@ def check_choices(config: Any) -> None:
         allowed = choices_of(field)
         if allowed is not None and getattr(config, field.name) not in allowed:
             raise ConfigError(f"{field.name} must be one of {allowed}, got {getattr(config, field.name)!r}")
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, integer: bool = False,
+                optional: bool = False) -> None:
+    """`value` is a finite number (an integer where `integer`; None allowed where `optional`) within
+    [low, high], open at an end where asked: else one ConfigError naming the field and the value. Every
+    numeric check of every config goes through here, so inf and NaN, which pass a comparison written
+    the wrong way round, never reach a run."""
+    if value is None and optional:
+        return
+    or_none = " or None" if optional else ""
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not is_number or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number{or_none}, got {value!r}")
+    if integer and not float(value).is_integer():
+        raise ConfigError(f"{name} must be an integer{or_none}, got {value!r}")
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if not (above and below):
+        raise ConfigError(f"{name} must be {_range_text(low, high, low_open, high_open, integer)}{or_none}, "
+                          f"got {value!r}")
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool, integer: bool) -> str:
+    if high is None and (low, low_open) in ((0, True), (1, False)):
+        return "a positive integer" if integer else "positive"
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 def require_null_label(name: str, value: float, neutral: float, model: "UNetConfig") -> None:
@@ -130,27 +163,20 @@ class UNetConfig:
             object.__setattr__(self, "out_channels", self.in_channels)
         for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks",
                      "image_size", "num_heads", "num_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            check_range(name, getattr(self, name), 1, integer=True)
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ConfigError(f"channel_mults must be positive integers, got {self.channel_mults}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ConfigError(f"num_classes must be positive or None, got {self.num_classes}")
-        if self.context_dim is not None and self.context_dim < 1:
-            raise ConfigError(f"context_dim must be positive or None, got {self.context_dim}")
+        check_range("dropout", self.dropout, 0, 1, high_open=True)
+        check_range("num_classes", self.num_classes, 1, integer=True, optional=True)
+        check_range("context_dim", self.context_dim, 1, integer=True, optional=True)
         check_choices(self)
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps}")
-        if not self.mid_block_scale_factor > 0:
-            raise ConfigError(f"mid_block_scale_factor must be positive, got {self.mid_block_scale_factor}")
+        check_range("norm_eps", self.norm_eps, 0, low_open=True)
+        check_range("mid_block_scale_factor", self.mid_block_scale_factor, 0, low_open=True)
+        check_range("timestep_frequency_shift", self.timestep_frequency_shift)
         if self.base_channels >= 2 and not self.timestep_frequency_shift < self.base_channels // 2:
             raise ConfigError(f"timestep_frequency_shift must be below base_channels // 2 = "
                               f"{self.base_channels // 2}, got {self.timestep_frequency_shift}")
-        if self.head_dim is not None and (not isinstance(self.head_dim, int) or self.head_dim < 1):
-            raise ConfigError(f"head_dim must be a positive integer or None, got {self.head_dim!r}")
+        check_range("head_dim", self.head_dim, 1, integer=True, optional=True)
         if self.image_size % self.downsample_factor:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by 2**(levels-1) = {self.downsample_factor}"
