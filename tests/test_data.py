@@ -144,12 +144,29 @@ def test_npz(tmp_path):
     (dict(images=np.zeros((2, 4, 4, 1), np.float32)), "must be uint8 NHWC .* got float32"),
     (dict(images=np.zeros((2, 4, 4), np.uint8)), r"got uint8 with shape \(2, 4, 4\)"),
     (dict(images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0])), "'labels' must be 2 non-negative"),
+    # Members np.load reads only when taken: Python objects (pickled) are refused there, inside the handling.
+    (dict(images=np.empty((2, 4, 4, 1), object)), "cannot read .*d.npz: its 'images' array: Object arrays cannot be "
+                                                  "loaded when allow_pickle=False"),
+    (dict(images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0, "cat"], object)),
+     "its 'labels' array: Object arrays"),
+    (dict(images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0.5, 1.0])), "'labels' must be 2 non-negative "
+                                                                                 "integers, got float64"),
 ])
 def test_npz_errors(tmp_path, arrays, message):
     path = tmp_path / "d.npz"
     np.savez(path, **arrays)
     with pytest.raises(ip.DataError, match=message):
         ip.load(str(path), 4)
+
+
+def test_an_npz_with_a_damaged_member_is_one_error(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((64, 8, 8, 1), np.uint8))
+    data = bytearray(path.read_bytes())
+    data[200:260] = b"\xff" * 60  # inside the 'images' member's bytes, after its header
+    path.write_bytes(bytes(data))
+    with pytest.raises(ip.DataError, match=r"cannot read .*d.npz"):
+        ip.load(str(path), 8)
 
 
 def test_cifar10_batches_folder(tmp_path):

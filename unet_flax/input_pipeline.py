@@ -210,27 +210,42 @@ def _digits(image_size: int) -> ImageData:
 
 
 def _npz(path: Path, image_size: int) -> ImageData:
-    try:
-        arrays = np.load(path)
-    except Exception as error:  # a truncated or foreign file
-        raise DataError(f"cannot read {path}: {error}") from None
-    if "images" not in arrays:
-        raise DataError(f"{path} has no 'images' array (found: {', '.join(arrays.files) or 'nothing'})")
-    images = arrays["images"]
+    images, labels = _npz_members(path)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise DataError(f"{path}: 'images' must be uint8 NHWC with 1 or 3 channels, "
                         f"got {images.dtype} with shape {images.shape}")
     if len(images) == 0:
         raise DataError(f"{path}: 'images' is empty")
-    labels, names = None, None
-    if "labels" in arrays:
-        labels = arrays["labels"]
+    names = None
+    if labels is not None:
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
             raise DataError(f"{path}: 'labels' must be {len(images)} non-negative integers, "
                             f"got {labels.dtype} with shape {labels.shape}")
         labels = labels.astype(np.int32)
         names = tuple(str(c) for c in range(int(labels.max()) + 1))
     return ImageData(_resize(images, image_size), labels, names, str(path))
+
+
+def _npz_members(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The file's 'images' and its 'labels' (None without), read here: np.load reads a member only when it
+    is taken, so a damaged member, or one of Python objects (which would need pickle), fails inside this
+    error handling rather than later with a traceback."""
+    try:
+        with np.load(path) as arrays:
+            if "images" not in arrays.files:
+                raise DataError(f"{path} has no 'images' array (found: {', '.join(arrays.files) or 'nothing'})")
+            members = {}
+            for name in ("images", "labels"):
+                if name in arrays.files:
+                    try:
+                        members[name] = arrays[name]
+                    except Exception as error:
+                        raise DataError(f"cannot read {path}: its '{name}' array: {error}") from None
+            return members["images"], members.get("labels")
+    except DataError:
+        raise
+    except Exception as error:  # a truncated or foreign file
+        raise DataError(f"cannot read {path}: {error}") from None
 
 
 def _cifar10(folder: Path, image_size: int) -> ImageData:
