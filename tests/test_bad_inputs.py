@@ -39,7 +39,17 @@ def files(tmp_path_factory):
     torch.save(missing, root / "missing.pt")
     torch.save({**state_dict, "extra.weight": torch.zeros(2, 2)}, root / "extra.pt")
     torch.save({**state_dict, "conv_in.weight": torch.zeros(8, 2, 3, 3)}, root / "misshaped.pt")
+    torch.save({"model": state_dict, "step": 2}, root / "checkpoint.pt")
+    torch.save({"weight": _RunsCode()}, root / "runs_code.pt")
+    (root / "foreign_diffusers").mkdir()
+    (root / "foreign_diffusers" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
+    torch.save([torch.zeros(2)], root / "foreign_diffusers" / "diffusion_pytorch_model.bin")
     return root
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
 
 
 T, CONVERT = "train.py", "unet_flax.convert"
@@ -89,6 +99,14 @@ CASES = [
      2, "key 'conv_in.weight' has shape (8, 2, 3, 3), the model expects (8, 1, 3, 3)"),
     (CONVERT, ["import", "--state-dict", "{root}/nowhere.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
      1, "nowhere.pt"),
+    (CONVERT, ["import", "--state-dict", "{root}/runs_code.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
+     2, "{root}/runs_code.pt is not a file of tensors that loads without running code (torch.load with "
+        "weights_only=True: Unsupported global: GLOBAL "),
+    (CONVERT, ["import", "--state-dict", "{root}/checkpoint.pt", "--config", "{root}/model.json", "--workdir", "{w}"],
+     2, "{root}/checkpoint.pt is not a state_dict: model, step hold no tensors (a training checkpoint? pass its "
+        "model's state_dict)"),
+    (CONVERT, ["import-diffusers", "--model", "{root}/foreign_diffusers", "--workdir", "{w}"], 2,
+     "{root}/foreign_diffusers/diffusion_pytorch_model.bin holds a list, not a state_dict"),
     (CONVERT, ["import", "--state-dict", "{root}/model.pt", "--config", "{root}/model.json",
                  "--workdir", "{root}/trained"], 1, "already holds checkpoints"),
     (CONVERT, ["import", "--state-dict", "{root}/model.pt", "--config", "{root}/corrupt.json", "--workdir", "{w}"],

@@ -20,7 +20,7 @@ import numpy as np
 from .diffusers_format import from_diffusers, schedule_of, to_diffusers
 from .train_config import PRESETS, TrainConfig
 from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
-from .weights import Params, float32_array, flatten, unflatten, unwrap
+from .weights import Params, float32_array, flatten, load_torch_state_dict, unflatten, unwrap
 
 # nn.Embedding weights are (num_embeddings, dim) on both sides: the one 2-D weight not transposed.
 EMBEDDING_MODULES = frozenset({"label_embedding"})
@@ -164,16 +164,13 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
 
     The config is the JSON `export` writes (a whole training config), or a bare UNetConfig, which
     takes the digits preset's training settings."""
-
-    import torch
-
     from .training import param_shapes
 
     fields = read_json(config_path, "--config")
     config = TrainConfig.from_dict(fields) if "model" in fields else dataclasses.replace(
         PRESETS["digits"], model=UNetConfig.from_dict(fields))
     config = dataclasses.replace(config, workdir=workdir)
-    state_dict = torch.load(state_dict_path, map_location="cpu", weights_only=True)
+    state_dict = load_torch_state_dict(state_dict_path)
     _refuse_used_workdir(workdir)
     # Every check (keys, shapes) before the workdir is created: a bad file leaves nothing behind.
     target = param_shapes(config.model)
@@ -234,7 +231,6 @@ def export_diffusers(workdir: str, out: str, step: int | None = None, ema: bool 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import pickle
 
     from .cli import UsageError, run_command
 
@@ -275,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-diffusers":
             return import_diffusers(args.model, args.workdir, args.variant)
         return import_state_dict(args.state_dict, args.config, args.workdir)
-    # A .pt file torch cannot unpickle raises RuntimeError or pickle's errors: a failure, not a usage error.
-    return run_command(convert, args, (FileNotFoundError, FileExistsError, RuntimeError, pickle.UnpicklingError),
+    # A .pt file torch refuses is a ConversionError naming the file (weights.load_torch_state_dict).
+    return run_command(convert, args, (FileNotFoundError, FileExistsError, RuntimeError),
                        (UsageError, ConfigError, ConversionError))
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
-from .weights import Params, float32_array, flatten, unwrap
+from .weights import Params, float32_array, flatten, load_torch_state_dict, unwrap
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -430,9 +430,7 @@ def read_state_dict(folder: Path, variant: str | None = None) -> dict[str, np.nd
 def read_weights_file(path: Path) -> dict[str, np.ndarray]:
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    import torch
-
-    return {key: float32_array(value) for key, value in torch.load(path, map_location="cpu", weights_only=True).items()}
+    return {key: float32_array(value) for key, value in load_torch_state_dict(path).items()}
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .unet_config import ConversionError
+
 Params = dict[str, Any]
 
 
@@ -41,3 +43,35 @@ def float32_array(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch; numpy has no bfloat16
         value = value.detach().float().cpu().numpy()
     return np.asarray(value, np.float32)
+
+
+def load_torch_state_dict(path: Any) -> dict[str, Any]:
+    """A PyTorch file of named tensors (a state_dict, or diffusers' .bin), read with
+    torch.load(weights_only=True), which runs no code from the file. Anything else, one ConversionError
+    naming the file and what is wrong; a missing file stays FileNotFoundError."""
+    import torch
+
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # pickle's errors, torch's RuntimeError, a truncated zip ...
+        raise ConversionError(f"{path} is not a file of tensors that loads without running code "
+                              f"(torch.load with weights_only=True: {_first_reason(error)})") from None
+    if not isinstance(loaded, Mapping):
+        raise ConversionError(f"{path} holds a {type(loaded).__name__}, not a state_dict (parameter names -> tensors)")
+    others = [str(key) for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if others:
+        raise ConversionError(f"{path} is not a state_dict: {', '.join(others[:4])}{' ...' if len(others) > 4 else ''} "
+                              "hold no tensors (a training checkpoint? pass its model's state_dict)")
+    return dict(loaded)
+
+
+def _first_reason(error: Exception) -> str:
+    """The part of torch.load's several-paragraph refusal that says why: its unpickler's own error."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
