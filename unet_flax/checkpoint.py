@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,20 @@ def is_damage(error: BaseException) -> bool:
     """Whether restoring failed on the checkpoint's own files (missing, truncated, inconsistent), rather
     than on this machine's state at the moment (memory, permissions, disk space, a timeout)."""
     return transient_cause(error) is None
+
+
+def damage_description(error: BaseException) -> str:
+    """What a damaged checkpoint could not give, in words: the array's path in the saved state where
+    TensorStore names it (`cannot read opt_state.1.0.mu.conv_in.kernel (DATA_LOSS)`), else the error's
+    first line without TensorStore's spec."""
+    seen = error
+    while seen is not None:
+        found = re.search(r'([A-Z_]+): Error reading "(?:train_state\.)?([^"/]+)[^"]*"', str(seen))
+        if found:
+            return f"cannot read {found.group(2)} ({found.group(1)})"
+        seen = seen.__cause__ or seen.__context__
+    first_line = (str(error).splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
 
 
 def saved_config(workdir: str | Path) -> dict | None:

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from . import input_pipeline, job, training
-from .checkpoint import Checkpoints, abstract_checkpoint, incompatible_fields, is_damage
+from .checkpoint import Checkpoints, abstract_checkpoint, damage_description, incompatible_fields, is_damage
 from .sampling import SamplingConfig, sample
 from .train_config import TrainConfig, fit_to_data
 from .unet_config import ConfigError
@@ -329,7 +329,7 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
                                 f"changed: fix the cause and run again")
         kept = checkpoints.set_aside(step)
         if jax.process_index() == 0:
-            why = describe(result) if outcome == "damaged" else "unreadable in another process"
+            why = damage_description(result) if outcome == "damaged" else "unreadable in another process"
             print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one",
                   file=sys.stderr)
     raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
