@@ -2,10 +2,12 @@
 SIGTERM, to one of them or to both a moment apart, under either driver; each resumed and compared
 with one process that ran the same steps; a bad image that only one process reads stopping both;
 and SIGTERM to a single-process run."""
+import contextlib
 import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import jax
 import pytest
@@ -57,6 +59,18 @@ def resume_in_two_processes(workdir, steps: int, driver: str) -> tuple[dict, lis
 @pytest.mark.parametrize("driver,signalled,apart_s,resume_processes", [
     ("pmap", (1,), 0.0, 1), ("jit", (0, 1), 0.5, 2)],
     ids=["pmap, one process signalled, resumed by one", "jit, both signalled apart, newest damaged, resumed by two"])
+def children_of(pids) -> set[int]:
+    """The multiprocessing children (data workers, the resource tracker) of `pids` (Linux's /proc)."""
+    children = set()
+    for pid in pids:
+        for listing in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                for child in listing.read_text().split():
+                    if b"multiprocessing" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        children.add(int(child))
+    return children
+
+
 def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driver, signalled, apart_s,
                                                                   resume_processes):
     """2 processes x 2 CPU devices (gloo): whichever of them get SIGTERM, both save the same step and
@@ -97,18 +111,27 @@ def test_sigterm_saves_and_the_next_run_resumes(tmp_path):
 
 def test_a_bad_image_in_one_process_stops_both_within_60_s(tmp_path):
     """Process 1's rows hold a truncated image, process 0's do not: process 1 names the file in one line,
-    process 0 says which process failed and why, and both exit 1 within 60 s of the first."""
+    process 0 says which process failed and why, and both exit 1 within 60 s of the first, with their data
+    workers (the default for image folders) stopped: none left running, no leak warned about after."""
     data = tmp_path / "images"
     # Global batch k of 8 is the shuffled rows 8k..8k+7: process 0 reads the first 4, process 1 the
     # last 4. Row 20 is process 1's, in the third batch.
     broken = images_with_a_truncated_row(data, 40, 20, seed=1)
-    procs = start_processes(tmp_path / "run", 2, "--data", data, "--steps", "20", "--data-workers", "0")
-    first_exit = None
+    procs = start_processes(tmp_path / "run", 2, "--data", data, "--steps", "20")
+    first_exit, workers = None, set()
     while any(proc.poll() is None for proc in procs):
+        workers |= children_of(proc.pid for proc in procs if proc.poll() is None)
         if first_exit is None and any(proc.poll() is not None for proc in procs):
             first_exit = time.time()
         assert first_exit is None or time.time() - first_exit < 60, "the other process did not stop in 60 s"
         time.sleep(0.2)
+    assert workers, "no data workers were seen"
+    # Python's resource tracker (a child too) ends on its own once its parent is gone; workers left
+    # running would stay.
+    deadline = time.time() + 15
+    while [pid for pid in workers if Path(f"/proc/{pid}").exists()] and time.time() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "data workers outlived their process"
     errors = [proc.communicate()[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [1, 1], errors
     assert errors[1].strip().splitlines()[-1] == f"error: cannot read image {broken}: image file is truncated"

@@ -17,6 +17,9 @@ import collections
 import contextlib
 import dataclasses
 import json
+import multiprocessing
+import multiprocessing.synchronize
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -247,17 +250,38 @@ class PeerFailures:
                 below_progress_bar = "\n" if jax.process_index() == 0 else ""
                 print(f"{below_progress_bar}error: process {key.rsplit('/', 1)[-1]} failed ({reason}); this process "
                       f"stops too", file=sys.stderr, flush=True)
-                os._exit(1)
+                end_failed_job(1)
 
     def close(self) -> None:
         self.done.set()
 
 
 def end_failed_job(code: int) -> None:
-    """End this process of a failed multi-process job at once (see PeerFailures)."""
+    """End this process of a failed multi-process job at once (see PeerFailures): without the interpreter's
+    shut-down, whose JAX barrier would wait for the failed peers, but with the data workers stopped first.
+    os._exit alone left them running, orphaned, each holding memory and this process's stderr."""
+    stop_data_workers()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def stop_data_workers(timeout_s: float = 10.0) -> None:
+    """Terminate this process's data workers (grain's: multiprocessing children), wait for them, and release
+    the named semaphores of their queues as a normal exit would: else Python's resource tracker, which
+    outlives this process, warns about them after its last line. Unlinking only the names leaves the
+    semaphores this process still holds (TensorBoard's writer's queue) working."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+    for finalizer in list(multiprocessing.util._finalizer_registry.values()):
+        if getattr(finalizer, "_callback", None) is multiprocessing.synchronize.SemLock._cleanup:
+            finalizer()
 
 
 def join_job(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
