@@ -56,9 +56,6 @@ def resume_in_two_processes(workdir, steps: int, driver: str) -> tuple[dict, lis
     return json.loads(outputs[0][0].strip().splitlines()[-1]), [err for _, err in outputs]
 
 
-@pytest.mark.parametrize("driver,signalled,apart_s,resume_processes", [
-    ("pmap", (1,), 0.0, 1), ("jit", (0, 1), 0.5, 2)],
-    ids=["pmap, one process signalled, resumed by one", "jit, both signalled apart, newest damaged, resumed by two"])
 def children_of(pids) -> set[int]:
     """The multiprocessing children (data workers, the resource tracker) of `pids` (Linux's /proc)."""
     children = set()
@@ -71,6 +68,9 @@ def children_of(pids) -> set[int]:
     return children
 
 
+@pytest.mark.parametrize("driver,signalled,apart_s,resume_processes", [
+    ("pmap", (1,), 0.0, 1), ("jit", (0, 1), 0.5, 2)],
+    ids=["pmap, one process signalled, resumed by one", "jit, both signalled apart, newest damaged, resumed by two"])
 def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driver, signalled, apart_s,
                                                                   resume_processes):
     """2 processes x 2 CPU devices (gloo): whichever of them get SIGTERM, both save the same step and
