@@ -76,7 +76,7 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
     is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     if not is_number or not math.isfinite(value):
         raise ConfigError(f"{name} must be a finite number{or_none}, got {value!r}")
-    if integer and not float(value).is_integer():
+    if integer and not isinstance(value, (int, np.integer)):
         raise ConfigError(f"{name} must be an integer{or_none}, got {value!r}")
     above = low is None or (value > low if low_open else value >= low)
     below = high is None or (value < high if high_open else value <= high)
