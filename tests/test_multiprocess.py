@@ -136,4 +136,4 @@ def test_a_bad_image_in_one_process_stops_both_within_60_s(tmp_path):
     assert [proc.returncode for proc in procs] == [1, 1], errors
     assert errors[1].strip().splitlines()[-1] == f"error: cannot read image {broken}: image file is truncated"
     assert errors[0].strip().splitlines()[-1] == (f"error: process 1 failed (DataError: cannot read image {broken}: "
-                                                  f"image file is truncated); this process stops too")
+                                                  f"image file is truncated); no checkpoint was written yet; this process stops too")

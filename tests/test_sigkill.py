@@ -1,11 +1,14 @@
 """SIGKILL, what an out-of-memory killer or a lost machine does: no handler runs, and the next run
-must resume from what is on disk as if nothing had happened."""
+must resume from what is on disk as if nothing had happened; with several processes, the others must
+stop and say which process was lost."""
 import json
+import re
 import signal
 import subprocess
 import time
 
-from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train
+from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train, start_processes, summary
+from unet_flax.checkpoint import complete_steps
 
 # One kill during the first checkpoint write, then one after each of two later saves: each costs a
 # process start (imports, the cached program, the state) of several seconds.
@@ -18,32 +21,29 @@ def test_sigkill_at_three_moments_resumes_bit_identically(tmp_path):
     command = command_line("train.py", "--workdir", tmp_path, *TINY, "--steps", "6", "--save-every", "1")
     checkpoints = tmp_path / "checkpoints"
 
-    def steps_saved():
-        return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.exists() else []
-
     kills = []
     while len(kills) < KILLS:
-        before = steps_saved()
+        before = complete_steps(checkpoints)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             writing = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
-            if (not kills and writing) or (kills and steps_saved() != before):
+            if (not kills and writing) or (kills and complete_steps(checkpoints) != before):
                 proc.send_signal(signal.SIGKILL)
-                kills.append("during a checkpoint write" if writing else f"after step {steps_saved()[-1]}")
+                kills.append("during a checkpoint write" if writing else f"after step {complete_steps(checkpoints)[-1]}")
                 break
             time.sleep(0.02)
         _, err = proc.communicate()
         if proc.returncode == 0:  # finished before it could be killed
             break
         assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
-        restarted_from = steps_saved()
+        restarted_from = complete_steps(checkpoints)
         assert not before or restarted_from[-1] >= before[-1]
     assert len(kills) == KILLS and kills[0] == "during a checkpoint write", kills
-    newest = steps_saved()[-1]
+    newest = complete_steps(checkpoints)[-1]
     final = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert final.returncode == 0, final.stderr[-2000:]
-    for step in steps_saved():  # nothing left behind that fails to restore
+    for step in complete_steps(checkpoints):  # nothing left behind that fails to restore
         params_at(tmp_path, step)
 
     reference = tmp_path.parent / "never-killed"  # in this process: the same programs, bit for bit
@@ -51,3 +51,30 @@ def test_sigkill_at_three_moments_resumes_bit_identically(tmp_path):
     assert_bit_identical(params_at(tmp_path, 6), params_at(reference, 6))
     finished = json.loads(final.stdout.strip().splitlines()[-1])
     assert finished["step"] == 6 and finished["resumed_from"] == newest
+
+
+def test_a_killed_process_stops_the_other_within_60_s_and_the_restart_resumes(tmp_path):
+    """Two processes; process 1 gets SIGKILL (a lost host: it says nothing) after a checkpoint. Process 0
+    stops within 60 s, exit 1, its last line naming process 1 and the newest complete checkpoint; the
+    restart resumes from that checkpoint."""
+    workdir = tmp_path / "run"
+    checkpoints = workdir / "checkpoints"
+    procs = start_processes(workdir, 2, "--steps", "100000", "--save-every", "2")
+    while not complete_steps(checkpoints):
+        assert all(proc.poll() is None for proc in procs), [proc.communicate()[1][-2000:] for proc in procs]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    assert time.time() - killed < 60, f"process 0 stopped {time.time() - killed:.0f} s after process 1 was killed"
+    assert procs[0].returncode == 1, err[-3000:]
+    last_line = err.strip().splitlines()[-1]
+    match = re.fullmatch(r"error: process 1 was lost \(killed, or its host gone: the job's coordination service "
+                         r"stopped hearing from it\); the last complete checkpoint is step (\d+); this process "
+                         r"stops too", last_line)
+    assert match, err[-3000:]
+    procs[1].communicate()
+    last_saved = int(match.group(1))
+    assert last_saved == complete_steps(checkpoints)[-1]
+    resumed = summary(run_train(workdir, "--steps", last_saved + 1))
+    assert resumed["resumed_from"] == last_saved and resumed["step"] == last_saved + 1

@@ -22,9 +22,14 @@ from .training import create_train_state
 from .unet_config import FIXED, UNetConfig, fields_resumed
 
 
+def checkpoint_directory(workdir: str | Path) -> Path:
+    """Where a workdir's checkpoints are."""
+    return Path(workdir).absolute() / "checkpoints"
+
+
 class Checkpoints:
     def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = checkpoint_directory(workdir)
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
         if read_only:  # orbax warns of each option that read-only mode turns off: nothing to act on
@@ -97,9 +102,15 @@ class Checkpoints:
             # others may still be finishing.
             with contextlib.suppress(Exception):
                 self.manager.wait_until_finished()
-            complete = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+            complete = complete_steps(self.directory)
             raise SaveError(f"writing a checkpoint in {self.directory} failed ({reason}); the complete ones are "
                             f"intact (steps: {', '.join(map(str, complete)) or 'none'})") from error
+
+
+def complete_steps(directory: Path) -> list[int]:
+    """The steps whose checkpoint was written completely (orbax renames a step's folder into place
+    once its write is done), read from the folder alone: no orbax, so any thread may ask."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 class SaveError(RuntimeError):
@@ -153,7 +164,7 @@ def damage_description(error: BaseException) -> str:
 
 def saved_config(workdir: str | Path) -> dict | None:
     """The config of a workdir's newest checkpoint whose config reads; None where there is none."""
-    if not (Path(workdir).absolute() / "checkpoints").is_dir():
+    if not checkpoint_directory(workdir).is_dir():
         return None
     checkpoints = Checkpoints(workdir, read_only=True)
     try:
@@ -194,7 +205,7 @@ def abstract_checkpoint(config: TrainConfig, sharding: jax.sharding.Sharding) ->
 @contextlib.contextmanager
 def _reading(workdir: str | Path, step: int | None):
     """(read-only Checkpoints, the step: `step` or the latest), or FileNotFoundError naming what is there."""
-    directory = Path(workdir).absolute() / "checkpoints"
+    directory = checkpoint_directory(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoint in {directory}: train first, or pass the --workdir that holds one")
     checkpoints = Checkpoints(workdir, read_only=True)

@@ -1,20 +1,76 @@
-"""What the processes of one JAX job tell each other outside their programs: barriers and small values,
-through the job's coordination service (jax.distributed).
+"""The processes of one JAX job: joining it, what they tell each other outside their programs (barriers,
+small values), stopping together (SIGTERM, a failed peer, a lost peer) and ending a failed job.
 
-Not collectives: gloo, the collectives of CPU processes, gives up on the first collective over a set
-of devices that one process reaches 30 s after another (a slower compile, a busy machine), whatever
-the timeouts. The coordination service waits as long as it is told.
+Through the job's coordination service (jax.distributed), not collectives: gloo, the collectives of CPU
+processes, gives up on the first collective over a set of devices that one process reaches 30 s after
+another (a slower compile, a busy machine), whatever the timeouts. The coordination service waits as
+long as it is told.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
+import multiprocessing
+import multiprocessing.synchronize
+import multiprocessing.util
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable
 
 import jax
+from jax.experimental import multihost_utils
 
-TIMEOUT_MS = 30 * 60 * 1000  # a peer that fails says so (trainer.PeerFailures); this is for hangs
+from .unet_config import ConfigError
+
+TIMEOUT_MS = 30 * 60 * 1000  # a peer that fails says so (PeerFailures); this is for hangs
+# A process that sends no heartbeat for this long is lost (killed, its host gone): the others stop.
+# Heartbeats come from a thread of their own every few seconds, whatever the process is computing.
+HEARTBEAT_TIMEOUT_S = 20
 # Every process makes the same calls in the same order, so the n-th call has the same key everywhere,
 # and a second train() in the same job does not meet the first one's keys.
 _calls = itertools.count()
+
+
+def join_job(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize, before anything asks JAX which process this is (reading a saved
+    config does); None: what the cluster's environment says (SLURM, Open MPI, Cloud TPU)."""
+    # Recoverable: a lost process is reported to the others (PeerFailures watches for it) instead of
+    # aborting them from inside the coordination client, which prints a C++ stack trace and no reason.
+    jax.config.update("jax_enable_recoverability", True)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+    except ValueError as error:  # nothing given and no cluster in the environment
+        raise ConfigError(f"--distributed: {error} JAX found no cluster to read it from: pass --coordinator-address "
+                          f"HOST:PORT --num-processes N --process-id I") from None
+    # Collectives between CPU processes need gloo; GPU and TPU bring their own. Before the backends start.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    atexit.register(_leave_last)  # after JAX's own exit handler, so it runs before it
+
+
+def _leave_last(timeout_s: float = 60.0) -> None:
+    """At exit, process 0, which hosts the coordination service, waits (at most `timeout_s`) for the
+    others to leave it: a recoverable job has no shutdown barrier, and a process whose service is gone
+    aborts as it leaves."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    if state.process_id != 0 or state.client is None:
+        return
+    everyone = list(range(state.num_processes))
+
+    def until_alone() -> None:
+        with contextlib.suppress(Exception):  # nothing left to do at exit but leave
+            while len(state.client.get_live_nodes(everyone)) > 1:  # answered once the others ask or leave
+                time.sleep(0.1)
+
+    waiting = threading.Thread(target=until_alone, daemon=True)
+    waiting.start()
+    waiting.join(timeout_s)
 
 
 def client():
@@ -41,3 +97,139 @@ def gather(name: str, value: int) -> list[int]:
 
 def _unique(name: str) -> str:
     return f"unet_flax/{next(_calls)}/{name}"
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one short line: its type and its message's first line (which may be empty)."""
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+class StopSignal:
+    """SIGTERM, what clusters send before preemption. One process keeps a flag; several processes use
+    JAX's preemption sync point, so all stop after the same step whichever of them got the signal."""
+
+    def __init__(self):
+        self.several_processes = jax.process_count() > 1
+        self.received = False
+        self.previous_handler = None
+        # JAX's preemption notifier owns SIGTERM across processes; Python lets only the main thread set handlers.
+        if not self.several_processes and threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, self._receive)
+
+    def _receive(self, *_) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop after `step`; called after every step, by every process."""
+        if self.several_processes:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+    def close(self) -> None:
+        """SIGTERM's handler as it was before the run (train() may be called in a longer-lived program)."""
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+
+
+class PeerFailures:
+    """Several processes stop together when one cannot go on. The one that fails says why in the job's
+    key-value store; one that is lost (killed, its host gone) stops sending heartbeats and drops out of
+    the coordination service's live processes. The others, watching both from a thread, stop at once
+    with the reason and the last complete checkpoint, wherever they are (waiting in a collective for
+    the failed process would last until a timeout). Every process of a failed job then ends without
+    JAX's shutdown barrier, which would wait for processes that are gone. A process that ends its run
+    normally says so first, so that its exit is not taken for a loss."""
+
+    def __init__(self, last_checkpoint: Callable[[], int | None], interval_s: float = 0.5):
+        self.client = client()
+        self.last_checkpoint = last_checkpoint
+        run = _unique("run")  # a second run in the same job does not read the first one's keys
+        self.failed, self.finished = f"{run}/failed/", f"{run}/finished/"
+        self.done = threading.Event()
+        threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="peer-failures").start()
+
+    def announce(self, error: BaseException) -> None:
+        """This process failed with `error`: the others stop, naming it."""
+        self.done.set()
+        with contextlib.suppress(Exception):  # the service may be gone with process 0
+            self.client.key_value_set(f"{self.failed}{jax.process_index()}", describe(error))
+
+    def close(self) -> None:
+        """This process's run ended normally: its exit is not a loss."""
+        self.done.set()
+        with contextlib.suppress(Exception):
+            self.client.key_value_set(f"{self.finished}{jax.process_index()}", "")
+
+    def _watch(self, interval_s: float, unanswered_limit: int = 10) -> None:
+        unanswered = 0
+        while not self.done.wait(interval_s):
+            try:
+                failure = self._failed_peer() or self._lost_peer()
+                unanswered = 0
+            except Exception:  # for long: the service is gone with process 0, which hosted it
+                unanswered += 1
+                failure = (0, "was lost (the job's coordination service, which it hosted, stopped answering)") \
+                    if unanswered >= unanswered_limit else None
+            if failure and not self.done.is_set():
+                self._stop(*failure)
+
+    def _failed_peer(self) -> tuple[int, str] | None:
+        """(process, 'failed (its reason)') of another process that announced its failure."""
+        for process, reason in self._announced(self.failed).items():
+            if process != jax.process_index():
+                return process, f"failed ({reason})"
+        return None
+
+    def _lost_peer(self) -> tuple[int, str] | None:
+        """(process, 'was lost (...)') of a process that left the job's live processes without ending
+        its run. Returns once every live process's watcher has asked too (the service answers them together)."""
+        everyone = list(range(jax.process_count()))
+        live = self.client.get_live_nodes(everyone)
+        finished = self._announced(self.finished)
+        lost = [process for process in everyone if process not in live and process not in finished]
+        return (lost[0], "was lost (killed, or its host gone: the job's coordination service stopped hearing "
+                         "from it)") if lost else None
+
+    def _announced(self, directory: str) -> dict[int, str]:
+        return {int(key.rsplit("/", 1)[-1]): value for key, value in self.client.key_value_dir_get(directory)}
+
+    def _stop(self, process: int, what: str) -> None:
+        last = None
+        with contextlib.suppress(OSError):  # the workdir's disk may be what failed
+            last = self.last_checkpoint()
+        checkpoint = "no checkpoint was written yet" if last is None else f"the last complete checkpoint is step {last}"
+        below_progress_bar = "\n" if jax.process_index() == 0 else ""
+        print(f"{below_progress_bar}error: process {process} {what}; {checkpoint}; this process stops too",
+              file=sys.stderr, flush=True)
+        end_failed_job(1)
+
+
+def end_failed_job(code: int) -> None:
+    """End this process of a failed multi-process job at once (see PeerFailures): without the interpreter's
+    shut-down, whose JAX barrier would wait for the failed peers, but with the data workers stopped first.
+    os._exit alone left them running, orphaned, each holding memory and this process's stderr."""
+    stop_data_workers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def stop_data_workers(timeout_s: float = 10.0) -> None:
+    """Terminate this process's data workers (grain's: multiprocessing children), wait for them, and release
+    the named semaphores of their queues as a normal exit would: else Python's resource tracker, which
+    outlives this process, warns about them after its last line. Unlinking only the names leaves the
+    semaphores this process still holds (TensorBoard's writer's queue) working."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + timeout_s
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+    for finalizer in list(multiprocessing.util._finalizer_registry.values()):
+        if getattr(finalizer, "_callback", None) is multiprocessing.synchronize.SemLock._cleanup:
+            finalizer()
+
+

@@ -17,13 +17,8 @@ import collections
 import contextlib
 import dataclasses
 import json
-import multiprocessing
-import multiprocessing.synchronize
-import multiprocessing.util
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,11 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from . import input_pipeline, job, training
-from .checkpoint import Checkpoints, abstract_checkpoint, damage_description, incompatible_fields, is_damage
+from .checkpoint import (Checkpoints, abstract_checkpoint, checkpoint_directory, complete_steps, damage_description, incompatible_fields,
+                         is_damage)
 from .sampling import SamplingConfig, sample
 from .train_config import TrainConfig, fit_to_data
 from .unet_config import ConfigError
@@ -142,33 +137,6 @@ class MetricsAccumulator:
         return values
 
 
-class StopSignal:
-    """SIGTERM, what clusters send before preemption. One process keeps a flag; several processes use
-    JAX's preemption sync point, so all stop after the same step whichever of them got the signal."""
-
-    def __init__(self):
-        self.several_processes = jax.process_count() > 1
-        self.received = False
-        self.previous_handler = None
-        # JAX's preemption notifier owns SIGTERM across processes; Python lets only the main thread set handlers.
-        if not self.several_processes and threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signal.SIGTERM, self._receive)
-
-    def _receive(self, *_) -> None:
-        self.received = True
-
-    def reached(self, step: int) -> bool:
-        """Whether to stop after `step`; called after every step, by every process."""
-        if self.several_processes:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.received
-
-    def close(self) -> None:
-        """SIGTERM's handler as it was before the run (train() may be called in a longer-lived program)."""
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
-
-
 class DeviceFeed:
     """Batches on their way to the devices ahead of the step that needs them, so that reading, decoding
     and the transfer of the next batches overlap the current step. Its state, saved with checkpoints,
@@ -214,88 +182,6 @@ class DeviceFeed:
             close()
 
 
-class PeerFailures:
-    """Several processes stop together when one cannot go on. The one that failed says why in the
-    job's key-value store; the others, watching it from a thread, stop at once with that reason,
-    wherever they are (waiting in a collective for the failed process would last until a timeout).
-    Every process of a failed job then ends without JAX's shutdown barrier, which would wait for
-    processes that are gone."""
-
-    DIRECTORY = "unet_flax/failed/"
-
-    def __init__(self, interval_s: float = 0.5):
-        self.client = job.client()
-        self.own_key = f"{self.DIRECTORY}{jax.process_index()}"
-        self.done = threading.Event()
-        threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="peer-failures").start()
-
-    def announce(self, error: BaseException) -> None:
-        self.done.set()
-        with contextlib.suppress(Exception):  # the service may be gone with process 0
-            self.client.key_value_set(self.own_key, describe(error))
-
-    def _watch(self, interval_s: float, unanswered_limit: int = 10) -> None:
-        unanswered = 0
-        while not self.done.wait(interval_s):
-            try:
-                failed = [(key, reason) for key, reason in self.client.key_value_dir_get(self.DIRECTORY)
-                          if key != self.own_key]
-                unanswered = 0
-            except Exception:  # for long: the service is gone with process 0, which hosted it
-                unanswered += 1
-                failed = [(f"{self.DIRECTORY}0", "its coordination service stopped answering")] \
-                    if unanswered >= unanswered_limit else []
-            if failed and not self.done.is_set():
-                key, reason = failed[0]
-                below_progress_bar = "\n" if jax.process_index() == 0 else ""
-                print(f"{below_progress_bar}error: process {key.rsplit('/', 1)[-1]} failed ({reason}); this process "
-                      f"stops too", file=sys.stderr, flush=True)
-                end_failed_job(1)
-
-    def close(self) -> None:
-        self.done.set()
-
-
-def end_failed_job(code: int) -> None:
-    """End this process of a failed multi-process job at once (see PeerFailures): without the interpreter's
-    shut-down, whose JAX barrier would wait for the failed peers, but with the data workers stopped first.
-    os._exit alone left them running, orphaned, each holding memory and this process's stderr."""
-    stop_data_workers()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def stop_data_workers(timeout_s: float = 10.0) -> None:
-    """Terminate this process's data workers (grain's: multiprocessing children), wait for them, and release
-    the named semaphores of their queues as a normal exit would: else Python's resource tracker, which
-    outlives this process, warns about them after its last line. Unlinking only the names leaves the
-    semaphores this process still holds (TensorBoard's writer's queue) working."""
-    children = multiprocessing.active_children()
-    for child in children:
-        child.terminate()
-    deadline = time.monotonic() + timeout_s
-    for child in children:
-        child.join(max(0.0, deadline - time.monotonic()))
-        if child.is_alive():
-            child.kill()
-    for finalizer in list(multiprocessing.util._finalizer_registry.values()):
-        if getattr(finalizer, "_callback", None) is multiprocessing.synchronize.SemLock._cleanup:
-            finalizer()
-
-
-def join_job(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """jax.distributed.initialize, before anything asks JAX which process this is (reading a saved
-    config does); None: what the cluster's environment says (SLURM, Open MPI, Cloud TPU)."""
-    try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    except ValueError as error:  # nothing given and no cluster in the environment
-        raise ConfigError(f"--distributed: {error} JAX found no cluster to read it from: pass --coordinator-address "
-                          f"HOST:PORT --num-processes N --process-id I") from None
-    # Collectives between CPU processes need gloo; GPU and TPU bring their own. Before the backends start.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-
 def prepare_workdir(config: TrainConfig) -> Path:
     workdir = Path(config.workdir)
     try:
@@ -325,12 +211,6 @@ def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstra
 OUTCOMES = ("ok", "damaged", "error")
 
 
-def describe(error: BaseException) -> str:
-    """An exception as one short line: its type and its message's first line (which may be empty)."""
-    first_line = (str(error).splitlines() or [""])[0][:200]
-    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
-
-
 def agreed_outcome(step: int, outcome: str) -> str:
     """Every process's outcome, reduced to one they all act on: any error stops all of them, any
     damage sets the checkpoint aside for all (process 0 renames it)."""
@@ -348,7 +228,7 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
         if agreed == "ok":
             return step, *result
         if agreed == "error":
-            reason = describe(result) if outcome == "error" else "another process failed to read it"
+            reason = job.describe(result) if outcome == "error" else "another process failed to read it"
             raise TrainingError(f"cannot restore checkpoint step {step} ({reason}); nothing was renamed or "
                                 f"changed: fix the cause and run again")
         kept = checkpoints.set_aside(step)
@@ -391,17 +271,18 @@ def train(config: TrainConfig, workdir: str | Path | None = None) -> dict[str, A
     if workdir is not None:
         config = dataclasses.replace(config, workdir=str(workdir))
     if config.distributed and not jax.distributed.is_initialized():
-        join_job(config.coordinator_address, config.num_processes, config.process_id)
+        job.join_job(config.coordinator_address, config.num_processes, config.process_id)
     if jax.process_count() == 1:
         return _run(config, start)
-    peers = PeerFailures()
+    directory = checkpoint_directory(config.workdir)
+    peers = job.PeerFailures(lambda: (complete_steps(directory) or [None])[-1])
     try:
-        return _run(config, start)
+        summary = _run(config, start)
     except BaseException as error:
         peers.announce(error)
         raise
-    finally:
-        peers.close()
+    peers.close()
+    return summary
 
 
 def _run(config: TrainConfig, start: float) -> dict[str, Any]:
@@ -447,7 +328,7 @@ def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, pa
         canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.to_saved(np.asarray(rng))}
         checkpoints.save(step, canonical, feed.state(), config.to_dict())
 
-    stop, metrics, log = StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)
+    stop, metrics, log = job.StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)
     progress = tqdm(total=config.steps, initial=first_step, disable=not is_main, unit="step", dynamic_ncols=True)
     step, stopping, values = first_step, False, {}
     try:

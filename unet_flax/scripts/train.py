@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from unet_flax import input_pipeline, trainer
+from unet_flax import input_pipeline, job, trainer
 from unet_flax.checkpoint import SaveError, saved_config
 from unet_flax.cli import build_train_parser, given_fields, run_command
 from unet_flax.train_config import PRESETS, TrainConfig, resolve_config
@@ -27,7 +27,7 @@ from unet_flax.unet_config import UNetConfig
 def run(args: argparse.Namespace) -> dict:
     given = given_fields(args, TrainConfig, UNetConfig)
     if given.get("distributed"):  # first: which process this is decides how the saved config is read
-        trainer.join_job(given.get("coordinator_address"), given.get("num_processes"), given.get("process_id"))
+        job.join_job(given.get("coordinator_address"), given.get("num_processes"), given.get("process_id"))
     saved = saved_config(given.get("workdir", PRESETS["digits"].workdir)) if args.preset is None else None
     config = resolve_config(given, args.preset, saved, jax.default_backend())
     return trainer.train(config)
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         if jax.distributed.is_initialized():  # the peers are stopping: no shutdown barrier to wait in
             traceback.print_exc()
-            trainer.end_failed_job(1)
+            job.end_failed_job(1)
         raise
     if code and jax.distributed.is_initialized():
-        trainer.end_failed_job(code)
+        job.end_failed_job(code)
     return code
 
 
