@@ -13,47 +13,74 @@ import pytest
 
 from unet_flax.checkpoint import Checkpoints, damage_description, is_damage
 
-from commands import images_with_a_truncated_row, params_at, run_train, snapshot, summary
+from commands import images_with_a_truncated_row, params_at, run_process, run_train, snapshot, summary
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained")
-    run_train(workdir, "--steps", "4", "--save-every", "1", "--keep-checkpoints", "4")
+    run_train(workdir, "--steps", "8", "--save-every", "1", "--keep-checkpoints", "8")
     return workdir
 
 
+def _data_files(step_dir):
+    """The checkpoint's array data files (TensorStore's OCDBT), smallest first."""
+    return sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+                  key=lambda p: p.stat().st_size)
+
+
+def _cut_in_half(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _overwrite_middle(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3: len(data) // 3 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+
 def _damage(step_dir, how):
-    files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    if how == "file deleted":
-        (step_dir / "state" / "_METADATA").unlink()
-    elif how == "bytes overwritten":
-        biggest = files[-1]
-        data = bytearray(biggest.read_bytes())
-        data[len(data) // 3: len(data) // 3 + 64] = b"\xff" * 64
-        biggest.write_bytes(bytes(data))
-        for f in files:
-            if f.name == "_METADATA":
-                f.write_text("{ not json")
+    state = step_dir / "state"
+    if how == "largest data file cut in half":
+        _cut_in_half(_data_files(step_dir)[-1])
+    elif how == "second-largest data file cut in half":
+        _cut_in_half(_data_files(step_dir)[-2])
+    elif how == "array index cut in half":
+        _cut_in_half(state / "manifest.ocdbt")
+    elif how == "array index overwritten":
+        _overwrite_middle(state / "manifest.ocdbt")
+    elif how == "metadata deleted":
+        (state / "_METADATA").unlink()
+    elif how == "metadata not JSON":
+        (state / "_METADATA").write_text("{ not json")
     elif how == "step directory truncated":
-        shutil.rmtree(step_dir / "state")
+        shutil.rmtree(state)
 
 
-DAMAGE = {4: "file deleted", 3: "bytes overwritten", 2: "step directory truncated"}
+DAMAGE = {8: "largest data file cut in half", 7: "second-largest data file cut in half", 6: "array index cut in half",
+          5: "array index overwritten", 4: "metadata deleted", 3: "metadata not JSON", 2: "step directory truncated"}
+PROGRESS_BAR = re.compile(r"\s*\d+%\|")
 
 
 def test_resume_falls_back_past_damaged_checkpoints(trained, tmp_path):
-    """Steps 4, 3 and 2 each damaged another way: each is named, kept, and passed over; step 1 resumes."""
+    """Steps 8 to 2 each damaged another way: each is named in one warning line, kept, and passed over;
+    step 1 resumes. Nothing else reaches the process's stderr but the progress bar: the errors of orbax's
+    reads still in flight (thousands of lines where a data file is cut short) go to the workdir's
+    restore_errors.log."""
     workdir = tmp_path / "w"
     shutil.copytree(trained, workdir)
     for step, how in DAMAGE.items():
         _damage(workdir / "checkpoints" / str(step), how)
-    result = run_train(workdir, "--steps", "6", "--save-every", "2")
-    for step in DAMAGE:
-        assert f"warning: checkpoint step {step} is damaged" in result.stderr and f"{step}.damaged" in result.stderr
+    result = run_process("train.py", "--workdir", workdir, "--steps", "10", "--save-every", "2", check=True)
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not PROGRESS_BAR.match(line)]
+    assert len(lines) == len(DAMAGE), lines[:5]
+    for line, step in zip(lines, DAMAGE):
+        assert re.fullmatch(rf"warning: checkpoint step {step} is damaged \(.+\); kept as .*/{step}\.damaged, trying "
+                            rf"the previous one \(the reads' errors: .*restore_errors\.log\)", line), line
         assert (workdir / "checkpoints" / f"{step}.damaged").is_dir()  # kept
     assert summary(result)["resumed_from"] == 1
-    assert (workdir / "checkpoints" / "6").is_dir()
+    assert (workdir / "checkpoints" / "10").is_dir()
+    assert "Traceback" in (workdir / "restore_errors.log").read_text()
 
 
 def test_a_damaged_array_is_named_by_its_path_in_the_state(tmp_path):
@@ -73,17 +100,17 @@ def test_a_damaged_array_is_named_by_its_path_in_the_state(tmp_path):
 def test_all_checkpoints_damaged_stops_and_keeps_them(trained, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(trained, workdir)
-    for step in (1, 2, 3, 4):
+    for step in range(1, 9):
         _damage(workdir / "checkpoints" / str(step), "step directory truncated")
-    result = run_train(workdir, "--steps", "6", check=False)
+    result = run_train(workdir, "--steps", "10", check=False)
     assert result.returncode == 1 and "no checkpoint in" in result.stderr and "could be restored" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if "damaged" in p.name) == \
-        ["1.damaged", "2.damaged", "3.damaged", "4.damaged"]
+        [f"{step}.damaged" for step in range(1, 9)]
 
     # Requeued as a preempted job would be: it must not begin again from step 0 over the kept ones.
     before = snapshot(workdir)
-    again = run_train(workdir, "--steps", "6", check=False)
+    again = run_train(workdir, "--steps", "10", check=False)
     assert again.returncode == 1 and "holds only checkpoints set aside as damaged" in again.stderr
     assert "to start afresh, move" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     assert snapshot(workdir) == before
@@ -118,10 +145,10 @@ def test_a_failure_that_is_not_damage_stops_and_renames_nothing(trained, tmp_pat
     def failing_restore(self, step, abstract):
         raise ValueError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
     monkeypatch.setattr(Checkpoints, "restore", failing_restore)
-    result = run_train(workdir, "--steps", "6", check=False)
+    result = run_train(workdir, "--steps", "10", check=False)
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: cannot restore checkpoint step 4 (ValueError: RESOURCE_EXHAUSTED: Out of memory while trying to "
+        "error: cannot restore checkpoint step 8 (ValueError: RESOURCE_EXHAUSTED: Out of memory while trying to "
         "allocate 1.2GiB); nothing was renamed or changed: fix the cause and run again"]
     assert snapshot(workdir) == before
 
@@ -189,10 +216,10 @@ def test_a_partial_metrics_line_is_skipped_and_the_next_rows_start_their_own(tra
     shutil.copytree(trained, workdir)
     metrics = workdir / "metrics.jsonl"
     with open(metrics, "a") as f:
-        f.write('{"step": 5, "loss": 0.')  # killed mid-write
-    result = run_train(workdir, "--steps", "6")
+        f.write('{"step": 9, "loss": 0.')  # killed mid-write
+    result = run_train(workdir, "--steps", "10")
     assert f"warning: {metrics} line" in result.stderr and "skipped" in result.stderr
     lines = metrics.read_text().splitlines()
-    partial = lines.index('{"step": 5, "loss": 0.')
+    partial = lines.index('{"step": 9, "loss": 0.')
     rows = [json.loads(line) for line in lines[:partial] + lines[partial + 1:]]
-    assert rows[-1]["step"] == 6 and (workdir / "loss.png").is_file()
+    assert rows[-1]["step"] == 10 and (workdir / "loss.png").is_file()

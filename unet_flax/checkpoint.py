@@ -10,6 +10,9 @@ import contextlib
 import errno
 import logging
 import re
+import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ def checkpoint_directory(workdir: str | Path) -> Path:
 class Checkpoints:
     def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = checkpoint_directory(workdir)
+        background_read_errors.log_to(self.directory.parent / RESTORE_LOG)
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
         if read_only:  # orbax warns of each option that read-only mode turns off: nothing to act on
@@ -113,6 +117,70 @@ def complete_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+RESTORE_LOG = "restore_errors.log"
+
+
+class BackgroundReadErrors:
+    """Where the errors of a failed restore's reads go: the workdir's restore_errors.log, not the terminal.
+
+    Orbax reads a checkpoint's arrays concurrently. When one read fails, the restore raises at once; the
+    reads still in flight then fail in TensorStore's threads (their event loop is closed) and in the
+    coroutines garbage-collected later, each printed as a traceback with TensorStore's whole spec:
+    thousands of lines for one damaged checkpoint, some long after the warning that names it. Python
+    reports both through sys.unraisablehook and asyncio's logger, which this diverts; any other
+    unraisable error is printed as before."""
+
+    def __init__(self):
+        self.path: Path | None = None
+
+    def log_to(self, path: Path) -> None:
+        if self.path is None:
+            self.previous_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+            logging.getLogger("asyncio").addFilter(self._asyncio_record)
+            # The read coroutines that never ran, garbage-collected: the same failure, already logged.
+            warnings.filterwarnings("ignore", r"coroutine '_read_array_index_and_device_put' was never awaited",
+                                    RuntimeWarning)
+        self.path = path
+
+    def write(self, text: str) -> None:
+        with contextlib.suppress(OSError):  # a read-only workdir: dropped, as the terminal would drop it
+            with open(self.path, "a") as log:
+                log.write(text)
+
+    def _unraisable(self, unraisable) -> None:
+        if not _from_a_read(unraisable.exc_value, unraisable.object):
+            self.previous_hook(unraisable)
+            return
+        self.write(f"{unraisable.err_msg or 'Exception ignored'}: {unraisable.object!r}\n" + "".join(
+            traceback.format_exception(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)))
+
+    def _asyncio_record(self, record: logging.LogRecord) -> bool:
+        """False (not for the terminal) for asyncio's 'exception was never retrieved' of a read."""
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None or not _from_a_read(error, None):
+            return True
+        self.write(record.getMessage() + "\n" + "".join(traceback.format_exception(*record.exc_info)))
+        return False
+
+
+def _from_a_read(error: BaseException | None, source: Any) -> bool:
+    """Whether an unraisable error comes from orbax's reads: a TensorStore callback into a closed event
+    loop, a read coroutine (or its error) from orbax's serialization, or TensorStore's own error."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    if error is not None and any(mark in str(error).lower() for mark in ("tensorstore", "ocdbt", '"zarr" driver')):
+        return True
+    code = getattr(source, "cr_code", None)
+    if code is not None and "orbax" in code.co_filename:
+        return True
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return any("orbax" in frame.filename and "serialization" in frame.filename for frame in frames)
+
+
+background_read_errors = BackgroundReadErrors()
+
+
 class SaveError(RuntimeError):
     """The file system refused a checkpoint write: the run stops, exit code 1."""
 
@@ -154,9 +222,10 @@ def damage_description(error: BaseException) -> str:
     first line without TensorStore's spec."""
     seen = error
     while seen is not None:
-        found = re.search(r'([A-Z_]+): Error reading "(?:train_state\.)?([^"/]+)[^"]*"', str(seen))
-        if found:
-            return f"cannot read {found.group(2)} ({found.group(1)})"
+        array = re.search(r'Error reading "(?:train_state\.)?([^"/]+)', str(seen))
+        if array:
+            status = re.search(r"\b([A-Z][A-Z_]{3,}): ", str(seen))
+            return f"cannot read {array.group(1)}" + (f" ({status.group(1)})" if status else "")
         seen = seen.__cause__ or seen.__context__
     first_line = (str(error).splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,8 @@ import numpy as np
 from tqdm import tqdm
 
 from . import input_pipeline, job, training
-from .checkpoint import (Checkpoints, abstract_checkpoint, checkpoint_directory, complete_steps, damage_description, incompatible_fields,
-                         is_damage)
+from .checkpoint import (Checkpoints, abstract_checkpoint, background_read_errors, checkpoint_directory,
+                         complete_steps, damage_description, incompatible_fields, is_damage)
 from .sampling import SamplingConfig, sample
 from .train_config import TrainConfig, fit_to_data
 from .unet_config import ConfigError
@@ -231,11 +232,14 @@ def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract)
             reason = job.describe(result) if outcome == "error" else "another process failed to read it"
             raise TrainingError(f"cannot restore checkpoint step {step} ({reason}); nothing was renamed or "
                                 f"changed: fix the cause and run again")
+        if outcome == "damaged":
+            background_read_errors.write(f"checkpoint step {step}, process {jax.process_index()}:\n"
+                                         + "".join(traceback.format_exception(result)))
         kept = checkpoints.set_aside(step)
         if jax.process_index() == 0:
             why = damage_description(result) if outcome == "damaged" else "unreadable in another process"
-            print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one",
-                  file=sys.stderr)
+            print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one "
+                  f"(the reads' errors: {background_read_errors.path})", file=sys.stderr)
     raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
                         f"as *.damaged); move them away to start afresh")
 
