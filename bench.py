@@ -45,12 +45,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unet_flax import reference, training
-from unet_flax.cli import UsageError, add_config_flags, given_fields, run_command
-from unet_flax.train_config import PRESETS, TrainConfig
-from unet_flax.unet_config import UNetConfig
-from unet_flax.convert import flax_to_torch
+from unet_flax import reference
+from unet_flax.cli import add_config_flags, add_debug_flag, given_fields, run_command
+from unet_flax.config import PRESETS, TrainConfig, UNetConfig
+from unet_flax.errors import UsageError
+from unet_flax.parallel import DATA_AXIS, data_mesh, jit_driver
 from unet_flax.sampling import generate
+from unet_flax.torch_format import flax_to_torch
+from unet_flax.train_step import create_train_state, ema_decay, learning_rate, make_train_step
 
 PRECISIONS = ("bfloat16", "tensorfloat32", "float32")
 TORCH_VARIANTS = {"eager": None, "compile": "default", "max-autotune": "max-autotune-no-cudagraphs"}
@@ -86,13 +88,13 @@ class JaxStep:
     """The production train step, jitted data-parallel over `devices` (one device: plain jit)."""
 
     def __init__(self, config: TrainConfig, devices: list):
-        mesh = training.data_mesh(devices)
-        self.step_fn = training.jit_driver(training.make_train_step(config), mesh)
-        state = training.create_train_state(config, jax.random.PRNGKey(0))
+        mesh = data_mesh(devices)
+        self.step_fn = jit_driver(make_train_step(config), mesh)
+        state = create_train_state(config, jax.random.PRNGKey(0))
         self.params_host = jax.device_get(state.params)
         self.state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         self.batch = jax.device_put(make_batch(config), jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec(training.DATA_AXIS)))
+            mesh, jax.sharding.PartitionSpec(DATA_AXIS)))
         self.rng = jax.random.PRNGKey(1)
         self.device = devices[0]
         start = time.perf_counter()
@@ -130,7 +132,7 @@ def with_sdpa_attention(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def torch_weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """training.decays' mask for PyTorch: conv and linear weights decay; biases, GroupNorm scales and the
+    """decays' mask for PyTorch: conv and linear weights decay; biases, GroupNorm scales and the
     label embedding do not."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     params = list(model.parameters())
@@ -150,7 +152,7 @@ def torch_precision(precision: str):
 
 
 class TorchStep:
-    """training.make_train_step's step in PyTorch: the reference U-Net (channels_last, SDPA attention),
+    """make_train_step's step in PyTorch: the reference U-Net (channels_last, SDPA attention),
     AdamW with the same decay mask and warm-up, global-norm clipping as optax's, EMA, the loss weighting
     and label dropout. `step` takes the draws (t, noise, dropped labels), so a test can hand it JAX's;
     a call draws them with torch."""
@@ -166,7 +168,7 @@ class TorchStep:
         self.optimizer = torch.optim.AdamW(torch_weight_decay_groups(self.raw_model, config.weight_decay),
                                            lr=config.lr, betas=(config.adam_b1, config.adam_b2), eps=config.adam_eps,
                                            fused=self.device.type == "cuda")
-        lr = training.learning_rate(config)
+        lr = learning_rate(config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: float(lr(s)) / config.lr)
         self.abar = reference.alphas_cumprod(config.noise_schedule, config.timesteps).to(self.device)
         batch = make_batch(config)
@@ -207,7 +209,7 @@ class TorchStep:
             torch._foreach_mul_(grads, torch.clamp(config.grad_clip / norm, max=1.0))
         self.optimizer.step()
         self.scheduler.step()
-        decay = training.ema_decay(config.ema_decay, self.step_count)
+        decay = ema_decay(config.ema_decay, self.step_count)
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, params, 1 - decay)
         self.step_count += 1
@@ -269,13 +271,13 @@ def step_flops(config: TrainConfig, state, batch, rng) -> float:
     """XLA's FLOP count of the whole step (all devices), lowered for one CPU device with attention written
     out: a GPU program's cost analysis does not see into its cuDNN convolutions and attention."""
     counted = dataclasses.replace(config, model=dataclasses.replace(config.model, attention_impl="xla"))
-    mesh = training.data_mesh(jax.devices("cpu")[:1])
+    mesh = data_mesh(jax.devices("cpu")[:1])
 
     def on_cpu(tree, spec):
         sharding = jax.sharding.NamedSharding(mesh, spec)
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-    replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(training.DATA_AXIS)
-    step = training.jit_driver(training.make_train_step(counted), mesh)
+    replicated, split = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec(DATA_AXIS)
+    step = jit_driver(make_train_step(counted), mesh)
     cost = step.lower(on_cpu(state, replicated), on_cpu(batch, split), on_cpu(rng, replicated)).cost_analysis()
     return float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
@@ -287,9 +289,9 @@ def sampling_throughput(config: TrainConfig, flax_params, torch_model, devices: 
     m = config.model
     shape = (images, m.image_size, m.image_size, m.in_channels)
     labels = jnp.arange(images, dtype=jnp.int32) % 10 if m.num_classes else None
-    mesh = training.data_mesh(devices)
+    mesh = data_mesh(devices)
     params = jax.device_put(flax_params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(training.DATA_AXIS))
+    sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
                 if len(devices) > 1 else None)
 
     def jax_run():
@@ -461,7 +463,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-sampling", dest="sampling", action="store_false",
                         help="skip the sampling measurement (64 images x 50 DDIM steps: minutes for cifar10 on a CPU)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_debug_flag(parser)
     add_config_flags(parser.add_argument_group("model: the preset's, but for the flags given (shown: digits')"),
                      PRESETS["digits"].model, skip=frozenset({"dtype"}))  # --precision above sets it
     args = parser.parse_args(argv)

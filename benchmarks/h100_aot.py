@@ -33,9 +33,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unet_flax import training  # noqa: E402
+from unet_flax.config import PRESETS, TrainConfig  # noqa: E402
+from unet_flax.model import init_params  # noqa: E402
+from unet_flax.parallel import DATA_AXIS, jit_driver  # noqa: E402
 from unet_flax.sampling import generate  # noqa: E402
-from unet_flax.train_config import PRESETS, TrainConfig  # noqa: E402
+from unet_flax.train_step import create_train_state, make_train_step  # noqa: E402
 
 # name -> (the plugin's device description, dense tensor-core peak FLOP/s from the data sheet per compute
 # dtype: bf16, and TF32 for float32, which is what XLA's default precision gives float32 matmuls on them)
@@ -94,22 +96,22 @@ def abstract(tree, sharding):
 
 def lower_train_step(config: TrainConfig, device: jax.Device) -> jax.stages.Lowered:
     """The jitted train step (train.py's sharded-jit driver on one device) on a uint8 batch, as train.py feeds it."""
-    mesh = Mesh([device], (training.DATA_AXIS,))
-    state = jax.eval_shape(lambda key: training.create_train_state(config, key), jax.random.key(0))
+    mesh = Mesh([device], (DATA_AXIS,))
+    state = jax.eval_shape(lambda key: create_train_state(config, key), jax.random.key(0))
     m = config.model
     batch = {"image": jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, m.in_channels), jnp.uint8)}
     if m.num_classes is not None:
         batch["label"] = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
     rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(training.DATA_AXIS))
-    step = training.jit_driver(training.make_train_step(config), mesh)
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    step = jit_driver(make_train_step(config), mesh)
     return step.lower(abstract(state, replicated), abstract(batch, sharded), abstract(rng, replicated))
 
 
 def lower_sampler(config: TrainConfig, device: jax.Device, images: int, steps: int) -> jax.stages.Lowered:
     """DDIM over `steps` steps for `images` images, as sample.py runs it on one device."""
     m = config.model
-    params = jax.eval_shape(lambda key: training.init_params(m, key), jax.random.key(0))
+    params = jax.eval_shape(lambda key: init_params(m, key), jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(device)
     labels = None if m.num_classes is None else jax.ShapeDtypeStruct((images,), jnp.int32, sharding=sharding)
     return generate.lower(abstract(params, sharding), jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding),

@@ -30,13 +30,13 @@ TINY = ["--base-channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1
 
 
 def command_line(command: str, *args) -> list[str]:
-    """`command` is a script (train.py, sample.py, ...) or a module run with -m (unet_flax.convert)."""
+    """`command` is a script (train.py, sample.py, ...) or a module run with -m (unet_flax.scripts.convert)."""
     program = [str(ROOT / command)] if command.endswith(".py") else ["-m", command]
     return [sys.executable, *program, *map(str, args)]
 
 
 def import_command(command: str):
-    """The module of a script (train.py, ...) or of a module run with -m (unet_flax.convert)."""
+    """The module of a script (train.py, ...) or of a module run with -m (unet_flax.scripts.convert)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     return importlib.import_module(command.removesuffix(".py"))

@@ -26,7 +26,7 @@ import importlib.util  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from unet_flax.cli import use_xla_cpu_convolutions  # noqa: E402
+from unet_flax.runtime import use_xla_cpu_convolutions  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

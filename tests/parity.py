@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import torch
 
-from unet_flax.convert import torch_to_flax
+from unet_flax.torch_format import torch_to_flax
 
 
 def randomize_(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:

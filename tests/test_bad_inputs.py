@@ -52,7 +52,7 @@ class _RunsCode:
         return (print, ("this ran",))
 
 
-T, CONVERT = "train.py", "unet_flax.convert"
+T, CONVERT = "train.py", "unet_flax.scripts.convert"
 CASES = [
     # (script, args, exit code, message); {root} is the fixture's folder, {w} a fresh workdir
     (T, ["--frobnicate"], 2, "unrecognized arguments: --frobnicate"),

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from unet_flax import UNet, UNetConfig, reference, training
-from unet_flax.convert import torch_to_flax
-from unet_flax.train_config import PRESETS, TrainConfig
+from unet_flax import UNet, UNetConfig, reference
+from unet_flax.config import PRESETS, TrainConfig
+from unet_flax.parallel import data_mesh, jit_driver
+from unet_flax.torch_format import torch_to_flax
+from unet_flax.train_step import create_train_state, make_train_step, step_randomness
 
 from commands import ROOT
 from parity import randomize_, rel_error, to_nchw, without_key_biases
@@ -84,18 +86,18 @@ def test_sdpa_attention_equals_the_seed_attention():
 
 
 def test_the_timed_pytorch_step_is_the_production_step():
-    """training.make_train_step (what train.py runs and bench.py times) and bench.py's PyTorch step, from the
+    """make_train_step (what train.py runs and bench.py times) and bench.py's PyTorch step, from the
     same weights, on the same batch with the same t, noise and dropped labels (JAX's draws handed to
     PyTorch): the loss agrees at every step, parameters and EMA after 20 steps, all to 1e-4."""
     config = SAME_MATH
     with jax.default_matmul_precision("float32"):
-        state = training.create_train_state(config, jax.random.PRNGKey(0))
-        mesh = training.data_mesh(jax.devices()[:1])
-        step = training.jit_driver(training.make_train_step(config), mesh)
+        state = create_train_state(config, jax.random.PRNGKey(0))
+        mesh = data_mesh(jax.devices()[:1])
+        step = jit_driver(make_train_step(config), mesh)
         batch = bench.make_batch(config)
         torch_step = bench.TorchStep(config, jax.device_get(state.params), "cpu", "eager")
         rng = jax.random.PRNGKey(1)
-        draws = jax.jit(lambda s: training.step_randomness(config, rng, s, jnp.arange(config.batch_size),
+        draws = jax.jit(lambda s: step_randomness(config, rng, s, jnp.arange(config.batch_size),
                                                            batch["image"].shape[1:])[:3])
         clipped = 0
         for s in range(20):

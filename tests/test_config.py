@@ -6,8 +6,9 @@ import pytest
 
 from unet_flax.checkpoint import incompatible_fields
 from unet_flax.cli import build_train_parser, given_fields
-from unet_flax.train_config import PRESETS, TrainConfig, fit_to_data, resolve_config
-from unet_flax.unet_config import FIXED, FREE, PER_PROCESS, ConfigError, UNetConfig, fields_resumed
+from unet_flax.config import PRESETS, TrainConfig, UNetConfig, fit_to_data, resolve_config
+from unet_flax.config.fields import FIXED, FREE, PER_PROCESS, fields_resumed
+from unet_flax.errors import ConfigError
 
 DIGITS = PRESETS["digits"]
 

@@ -7,7 +7,7 @@ import torch
 
 from unet_flax import UNet, UNetConfig
 from unet_flax import reference as ref
-from unet_flax.convert import flax_to_torch, torch_to_flax
+from unet_flax.torch_format import flax_to_torch, torch_to_flax
 
 from parity import randomize_
 

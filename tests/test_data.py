@@ -278,11 +278,11 @@ def test_pack_command_line_packs_an_npz(tmp_path):
 
     images = np.random.default_rng(0).integers(0, 255, (7, 6, 6, 1), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", images=images, labels=np.arange(7) % 2)
-    result = run_process("unet_flax.input_pipeline", "pack", tmp_path / "d.npz", "--out", tmp_path / "out",
+    result = run_process("unet_flax.scripts.pack", tmp_path / "d.npz", "--out", tmp_path / "out",
                          "--image-size", "6", check=True)
     assert json.loads(result.stdout.splitlines()[-1])["count"] == 7
     packed = ip.load(str(tmp_path / "out"), 6)
     np.testing.assert_array_equal(np.stack([packed[i]["image"] for i in range(7)]), images)
-    bad = run_main("unet_flax.input_pipeline", "pack", tmp_path / "d.npz", "--out", tmp_path / "out2",
+    bad = run_main("unet_flax.scripts.pack", tmp_path / "d.npz", "--out", tmp_path / "out2",
                    "--image-size", "0")
     assert bad.returncode == 2 and "--image-size must be positive, got 0" in bad.stderr

@@ -16,10 +16,9 @@ from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax.checkpoint import load_params
-from unet_flax.convert import from_diffusers, to_diffusers
-from unet_flax.diffusers_format import (LEGACY_ATTENTION_NAMES, NULL_LABEL_KEY, params_from_diffusers,
+from unet_flax.diffusers_format import (from_diffusers, to_diffusers, LEGACY_ATTENTION_NAMES, NULL_LABEL_KEY, params_from_diffusers,
                                         params_to_diffusers, unet_config_from_diffusers)
-from unet_flax.unet_config import ConfigError, ConversionError
+from unet_flax.errors import ConfigError, ConversionError
 
 from commands import assert_bit_identical, run_main
 from parity import randomize_, rel_error, to_nchw, to_nhwc
@@ -298,7 +297,7 @@ def test_export_refuses_what_diffusers_cannot_state_and_writes_nothing(change, m
 
 
 def run_convert(*args):
-    return run_main("unet_flax.convert", *args)
+    return run_main("unet_flax.scripts.convert", *args)
 
 
 def test_command_lines_import_sample_fine_tune_export(tmp_root, tmp_path):

@@ -1,6 +1,7 @@
 """Bad configurations and inputs fail at init or trace time with a ValueError naming the value."""
 import ast
 import graphlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,9 +139,35 @@ def package_imports() -> dict[str, set[str]]:
 
 
 def test_imports_point_one_way():
-    """No module imports one that imports it back (directly or round a longer circle)."""
+    """No module imports one that imports it back (directly or round a longer circle); no library module
+    imports a command (unet_flax.scripts), and no command imports another."""
     graph = package_imports()
-    assert "unet_flax.trainer" in graph["unet_flax.scripts.train"]  # the parse sees the imports
+    assert "unet_flax.train_loop" in graph["unet_flax.scripts.train"]  # the parse sees the imports
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the circle
-    for library in ("unet_flax.model", "unet_flax.training", "unet_flax.sampling", "unet_flax.trainer"):
-        assert not any(name.startswith("unet_flax.scripts") for name in graph[library]), library
+    commands = {name for name in graph if name.startswith("unet_flax.scripts.")}
+    for name, imported in graph.items():
+        assert not imported & commands, f"{name} imports the command {sorted(imported & commands)}"
+
+
+def test_the_readme_import_chain_is_the_code_s():
+    """The README's `Imports point one way: a <- b <- ...` line: each module imports the one before it
+    (directly or through others), never the one after it."""
+    graph = package_imports()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sentence = re.search(r"^Imports point one way: ([^;]+);", readme, re.M | re.S).group(1)
+    chain = [f"unet_flax.{name}" for name in re.findall(r"`([a-z_.]+)`", sentence)]
+    assert len(chain) >= 5, sentence
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name == goal or name.startswith(goal + "."):
+                return True
+            if name not in seen:
+                seen.add(name)
+                todo += graph.get(name, set()) | ({n for n in graph if n.startswith(name + ".")} if name == start else set())
+        return False
+    for lower, upper in zip(chain, chain[1:]):
+        assert reaches(upper, lower), f"{upper} does not import {lower}"
+        assert not reaches(lower, upper), f"{lower} imports {upper}"

@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from unet_flax import evaluation, training
-from unet_flax.train_config import PRESETS
-from unet_flax.sampling import SamplingConfig, sample
+from unet_flax import evaluation
+from unet_flax.config import PRESETS, SamplingConfig
+from unet_flax.sampling import sample
+from unet_flax.train_step import create_train_state
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def measured():
     real, _ = evaluation.features_and_predictions(classifier, train.images)
 
     config = dataclasses.replace(PRESETS["digits"], model=dataclasses.replace(PRESETS["digits"].model, num_classes=10))
-    untrained = training.create_train_state(config, jax.random.PRNGKey(0)).params
+    untrained = create_train_state(config, jax.random.PRNGKey(0)).params
     generated = sample(untrained, config, SamplingConfig(num_samples=200, labels=tuple(range(10)), sampling_steps=10,
                                                          guidance_scale=2.0, batch_size=200)).images
     noise = np.random.default_rng(0).integers(0, 256, (200, 16, 16, 1), dtype=np.uint8)

@@ -15,10 +15,10 @@ import pytest
 from commands import (ROOT, TINY, assert_bit_identical, import_command, params_at, run_main, run_process,
                       run_sample, run_train, snapshot, summary)
 from parity import rel_error, without_key_biases
-from unet_flax import trainer
-from unet_flax.sampling import SamplingConfig, class_labels
-from unet_flax.train_config import PRESETS
-from unet_flax.unet_config import ConfigError
+from unet_flax import train_loop
+from unet_flax.config import PRESETS, SamplingConfig
+from unet_flax.errors import ConfigError
+from unet_flax.sampling import class_labels
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def tensorboard_scalars(folder, tag: str) -> list[tuple[int, float]]:
 
 def test_train_py_imports_neither_pytorch_nor_scikit_learn():
     """Seconds of every start (more with CUDA's PyTorch): the event writer and the digits without them."""
-    check = ("import sys, train; from unet_flax import input_pipeline, trainer; trainer.summary_writer_class(); "
+    check = ("import sys, train; from unet_flax import input_pipeline, train_loop; train_loop.summary_writer_class(); "
              "input_pipeline.load(None, 8); print(sorted({'torch', 'sklearn', 'scipy'} & set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=ROOT, check=True)
     assert result.stdout.split() == ["[]"], result.stdout + result.stderr
@@ -114,7 +114,7 @@ def test_no_resume_refuses_a_workdir_with_checkpoints(uninterrupted):
 
 
 def test_the_python_api_trains_what_train_py_trains(uninterrupted, tmp_path):
-    """trainer.train with a TrainConfig written in Python, not through a command line: the same bits
+    """train_loop.train with a TrainConfig written in Python, not through a command line: the same bits
     as the `python train.py` process with TINY's flags."""
     digits = PRESETS["digits"]
     model = dataclasses.replace(digits.model, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_groups=4,
@@ -122,16 +122,17 @@ def test_the_python_api_trains_what_train_py_trains(uninterrupted, tmp_path):
     config = dataclasses.replace(digits, model=model, batch_size=8, num_samples=10, sampling_steps=2, log_every=2,
                                  warmup_steps=2, lr_schedule="constant", steps=6, save_every=3)
     with jax.default_matmul_precision(None):  # a fresh process's, as train.py ran with
-        result = trainer.train(config, workdir=tmp_path)
+        result = train_loop.train(config, workdir=tmp_path)
     assert result["step"] == 6 and result["workdir"] == str(tmp_path) and (tmp_path / "samples.png").exists()
     assert_bit_identical(params_at(tmp_path, 6), params_at(uninterrupted[0], 6))
 
 
 def test_installed_commands_are_the_scripts():
-    """`pip install` gives the README's commands as unet-flax-train, -sample, -evaluate and -convert."""
+    """`pip install` gives the README's commands as unet-flax-train, -sample, -evaluate, -convert and -pack."""
     installed = {entry.name: entry for entry in importlib.metadata.entry_points(group="console_scripts")}
     for name, command in (("unet-flax-train", "train.py"), ("unet-flax-sample", "sample.py"),
-                          ("unet-flax-evaluate", "evaluate.py"), ("unet-flax-convert", "unet_flax.convert")):
+                          ("unet-flax-evaluate", "evaluate.py"), ("unet-flax-convert", "unet_flax.scripts.convert"),
+                          ("unet-flax-pack", "unet_flax.scripts.pack")):
         assert installed[name].load() is import_command(command).main, name
     result = subprocess.run([shutil.which("unet-flax-train"), "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "--preset" in result.stdout and "usage: unet-flax-train" in result.stdout
@@ -206,11 +207,11 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
 
     from unet_flax import UNet, diffusion, reference
     from unet_flax.checkpoint import load_params
-    from unet_flax.train_config import TrainConfig
+    from unet_flax.config import TrainConfig
 
     workdir, _ = uninterrupted
     out = tmp_path / "model.pt"
-    run_main("unet_flax.convert", "export", "--workdir", workdir, "--out", out, check=True)
+    run_main("unet_flax.scripts.convert", "export", "--workdir", workdir, "--out", out, check=True)
     config = TrainConfig.from_dict(json.loads(out.with_suffix(".json").read_text()))
     torch_model = reference.UNet(config.model).eval()
     torch_model.load_state_dict(torch.load(out, weights_only=True), strict=True)
@@ -236,7 +237,7 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
         assert rel_error(flax_samples, torch_samples.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
     imported = tmp_path / "imported"
-    run_main("unet_flax.convert", "import", "--state-dict", out, "--config", out.with_suffix(".json"),
+    run_main("unet_flax.scripts.convert", "import", "--state-dict", out, "--config", out.with_suffix(".json"),
              "--workdir", imported, check=True)
     restored, _, step = load_params(imported)
     assert step == 0
@@ -248,7 +249,7 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
 def test_export_refuses_to_overwrite(uninterrupted, tmp_path):
     out = tmp_path / "model.pt"
     out.write_text("precious")
-    result = run_main("unet_flax.convert", "export", "--workdir", uninterrupted[0], "--out", out)
+    result = run_main("unet_flax.scripts.convert", "export", "--workdir", uninterrupted[0], "--out", out)
     assert result.returncode == 1 and "exists" in result.stderr and out.read_text() == "precious"
 
 
@@ -257,7 +258,7 @@ def test_training_on_packed_records(tmp_path):
     rng = np.random.default_rng(3)
     # Ten classes: the network of the other tiny runs, whose programs are compiled.
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (40, 8, 8, 1), dtype=np.uint8), labels=np.arange(40) % 10)
-    run_main("unet_flax.input_pipeline", "pack", tmp_path / "d.npz", "--out", tmp_path / "packed", "--image-size", "8",
+    run_main("unet_flax.scripts.pack", tmp_path / "d.npz", "--out", tmp_path / "packed", "--image-size", "8",
              "--examples-per-shard", "16", check=True)
     result = summary(run_train(tmp_path / "run", "--data", str(tmp_path / "packed"), "--class-conditional",
                                "--steps", "2", "--data-workers", "2"))

@@ -9,10 +9,14 @@ import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unet_flax import UNet, UNetConfig, diffusion, training
+from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax import reference as ref
-from unet_flax.train_config import TrainConfig
-from unet_flax.convert import flax_to_torch, torch_to_flax
+from unet_flax.config import TrainConfig
+from unet_flax.model import init_params
+from unet_flax.parallel import Parallel, data_mesh, jit_driver, local_value
+from unet_flax.torch_format import flax_to_torch, torch_to_flax
+from unet_flax.train_step import (NOT_READ_BY_THE_STEP, _make_train_step, create_train_state, learning_rate,
+                                  make_optimizer, make_train_step)
 
 from parity import rel_error, without_key_biases
 
@@ -29,25 +33,25 @@ def batches(count, batch_size=8, seed=0):
 
 
 def host(tree):
-    return jax.tree_util.tree_map(lambda x: np.asarray(training.local_value(x)), tree)
+    return jax.tree_util.tree_map(lambda x: np.asarray(local_value(x)), tree)
 
 
 @pytest.fixture(scope="module")
 def runs():
     """The same 5 steps under each driver, from the same initial state."""
     assert jax.device_count() == 4
-    step_fn = training.make_train_step(CONFIG)
-    init = host(training.create_train_state(CONFIG, jax.random.PRNGKey(0)))
+    step_fn = make_train_step(CONFIG)
+    init = host(create_train_state(CONFIG, jax.random.PRNGKey(0)))
     rng = jax.random.PRNGKey(1)
     results = {}
     for kind in ("pmap", "jit"):
-        parallel = training.Parallel(kind, step_fn, CONFIG.batch_size)
+        parallel = Parallel(kind, step_fn, CONFIG.batch_size)
         state = parallel.put_state(init)
         for batch in batches(5):
             state, metrics = parallel.step(state, parallel.put_batch(batch), rng)
         results[kind] = (host(parallel.canonical_state(state)), host(metrics))
-    one = training.data_mesh(jax.devices()[:1])
-    single = training.jit_driver(step_fn, one)
+    one = data_mesh(jax.devices()[:1])
+    single = jit_driver(step_fn, one)
     state = jax.device_put(init, NamedSharding(one, P()))
     for batch in batches(5):
         state, metrics = single(state, batch, rng)
@@ -74,7 +78,7 @@ def test_drivers_reach_the_one_device_parameters(runs, kind):
 
 
 def test_training_moved_the_parameters(runs):
-    init = training.create_train_state(CONFIG, jax.random.PRNGKey(0))
+    init = create_train_state(CONFIG, jax.random.PRNGKey(0))
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), runs["jit"][0].params, host(init.params))
     assert min(jax.tree_util.tree_leaves(moved)) > 0
 
@@ -91,18 +95,18 @@ UNREAD_CHANGED = {"workdir": "elsewhere", "data": "images.npz", "class_condition
 def test_configs_that_differ_only_in_what_the_step_does_not_read_share_one_step():
     """They get one step function (JAX then traces and compiles it once), and that is sound: built
     apart, their steps lower to the same program; a field the step reads (lr) changes it."""
-    assert UNREAD_CHANGED.keys() == training.NOT_READ_BY_THE_STEP | {"steps"}
+    assert UNREAD_CHANGED.keys() == NOT_READ_BY_THE_STEP | {"steps"}
     other = dataclasses.replace(CONFIG, **UNREAD_CHANGED)
-    assert training.make_train_step(other) is training.make_train_step(CONFIG)
+    assert make_train_step(other) is make_train_step(CONFIG)
     faster = dataclasses.replace(CONFIG, lr=2 * CONFIG.lr)
-    assert training.make_train_step(faster) is not training.make_train_step(CONFIG)
+    assert make_train_step(faster) is not make_train_step(CONFIG)
 
-    one = training.data_mesh(jax.devices()[:1])
-    state = jax.eval_shape(lambda: training.create_train_state(CONFIG, jax.random.PRNGKey(0)))
+    one = data_mesh(jax.devices()[:1])
+    state = jax.eval_shape(lambda: create_train_state(CONFIG, jax.random.PRNGKey(0)))
     batch = jax.eval_shape(lambda: batches(1)[0])
 
     def program(config):
-        step = training.jit_driver(training._make_train_step(config), one)  # built apart, not shared
+        step = jit_driver(_make_train_step(config), one)  # built apart, not shared
         return step.lower(state, batch, jax.random.PRNGKey(1)).as_text()
 
     assert program(other) == program(CONFIG)
@@ -111,13 +115,13 @@ def test_configs_that_differ_only_in_what_the_step_does_not_read_share_one_step(
 
 def test_global_batch_not_divisible_by_devices():
     with pytest.raises(ValueError, match=r"batch size 6 is not divisible by the 4 devices; use a multiple of 4"):
-        training.Parallel("jit", training.make_train_step(CONFIG), 6)
+        Parallel("jit", make_train_step(CONFIG), 6)
 
 
 def test_nonfinite_step_leaves_the_state_unchanged():
-    step_fn = training.make_train_step(CONFIG)
-    parallel = training.Parallel("jit", step_fn, 8)
-    state = parallel.put_state(host(training.create_train_state(CONFIG, jax.random.PRNGKey(0))))
+    step_fn = make_train_step(CONFIG)
+    parallel = Parallel("jit", step_fn, 8)
+    state = parallel.put_state(host(create_train_state(CONFIG, jax.random.PRNGKey(0))))
     before = host(state.params)
     batch = batches(1)[0]
     batch["image"][0, 0, 0, 0] = np.nan
@@ -131,14 +135,14 @@ def test_nonfinite_step_leaves_the_state_unchanged():
     # The next good step is the first applied: the learning rate and EMA warm-up start from zero.
     good = parallel.put_batch(batches(1)[0])
     state, metrics = parallel.step(state, good, jax.random.PRNGKey(1))
-    assert int(metrics["nonfinite"]) == 0 and float(metrics["lr"]) == float(training.learning_rate(CONFIG)(0))
+    assert int(metrics["nonfinite"]) == 0 and float(metrics["lr"]) == float(learning_rate(CONFIG)(0))
     assert int(state.step) == 2 and int(state.applied_steps) == 1
     assert optimizer_counts(state) == {1}
 
 
 def optimizer_counts(state) -> set[int]:
     """The step counts optax keeps in the optimiser state (Adam's and the schedule's)."""
-    return {int(np.asarray(training.local_value(leaf))) for path, leaf in
+    return {int(np.asarray(local_value(leaf))) for path, leaf in
             jax.tree_util.tree_leaves_with_path(state.opt_state) if "count" in jax.tree_util.keystr(path)}
 
 
@@ -149,8 +153,8 @@ def test_remat_changes_neither_parameters_nor_training():
     results = []
     for remat in (False, True):
         config = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, remat=remat, dropout=0.3))
-        parallel = training.Parallel("jit", training.make_train_step(config), config.batch_size)
-        init = host(training.create_train_state(config, jax.random.PRNGKey(0)))
+        parallel = Parallel("jit", make_train_step(config), config.batch_size)
+        init = host(create_train_state(config, jax.random.PRNGKey(0)))
         state = parallel.put_state(init)
         losses = []
         for batch in batches(2):
@@ -166,9 +170,9 @@ def test_remat_changes_neither_parameters_nor_training():
 
 
 def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step():
-    cosine = training.learning_rate(dataclasses.replace(CONFIG, lr_schedule="cosine", lr=0.2, warmup_steps=10,
+    cosine = learning_rate(dataclasses.replace(CONFIG, lr_schedule="cosine", lr=0.2, warmup_steps=10,
                                                         steps=110))
-    constant = training.learning_rate(dataclasses.replace(CONFIG, lr=0.2, warmup_steps=10, steps=110))
+    constant = learning_rate(dataclasses.replace(CONFIG, lr=0.2, warmup_steps=10, steps=110))
     for schedule in (cosine, constant):
         np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.1, 0.2], rtol=1e-6)
     np.testing.assert_allclose([cosine(60), cosine(110)], [0.1, 0.0], rtol=1e-6, atol=1e-9)  # cos(pi/2), cos(pi)
@@ -177,9 +181,9 @@ def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_step():
 
 def test_weight_decay_leaves_biases_norms_and_embeddings_alone():
     config = dataclasses.replace(CONFIG, weight_decay=0.5, grad_clip=0.0, warmup_steps=0, lr=0.1)
-    params = training.create_train_state(config, jax.random.PRNGKey(0)).params
+    params = create_train_state(config, jax.random.PRNGKey(0)).params
     zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
-    tx = training.make_optimizer(config)
+    tx = make_optimizer(config)
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     for path, update in jax.tree_util.tree_leaves_with_path(updates):
         name = getattr(path[-1], "key", None)
@@ -202,7 +206,7 @@ def test_fifty_adam_steps_match_pytorch():
     config = dataclasses.replace(TINY, num_classes=4)
     model = UNet(config)
     torch_model = ref.UNet(config)
-    params = training.init_params(config, jax.random.PRNGKey(3))
+    params = init_params(config, jax.random.PRNGKey(3))
     ref.load_numpy_state_dict(torch_model, flax_to_torch(params))
 
     schedule = diffusion.make_schedule("linear", 1000)
@@ -249,7 +253,7 @@ def test_fifty_adam_steps_match_pytorch():
 
 def test_sampling_spread_over_devices_gives_the_same_images(monkeypatch):
     from unet_flax import sampling
-    params = training.create_train_state(CONFIG, jax.random.PRNGKey(0)).params
+    params = create_train_state(CONFIG, jax.random.PRNGKey(0)).params
     how = sampling.SamplingConfig(num_samples=8, labels=(0, 1, 2), sampling_steps=3, guidance_scale=1.5, batch_size=8)
     spread = sampling.sample(params, CONFIG, how)
     monkeypatch.setattr(sampling.jax, "local_device_count", lambda: 1)

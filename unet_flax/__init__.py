@@ -2,7 +2,7 @@
 
 `import unet_flax` does not import PyTorch; the reference lives in `unet_flax.reference`.
 """
-from .unet_config import UNetConfig
+from .config import UNetConfig
 from .model import (
     AttentionBlock,
     CrossAttentionBlock,

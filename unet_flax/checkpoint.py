@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from . import job
-from .train_config import TrainConfig
-from .training import create_train_state
-from .unet_config import FIXED, UNetConfig, fields_resumed
+from .config import TrainConfig, UNetConfig
+from .config.fields import FIXED, fields_resumed
+from .errors import ConfigError, SaveError, TrainingError
+from .train_step import create_train_state, initial_keys, train_state_from_params
 
 
 def checkpoint_directory(workdir: str | Path) -> Path:
@@ -34,19 +36,14 @@ class Checkpoints:
     def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
         self.directory = checkpoint_directory(workdir)
         background_read_errors.log_to(self.directory.parent / RESTORE_LOG)
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        if read_only:  # orbax warns of each option that read-only mode turns off: nothing to act on
-            absl_logger.setLevel(logging.ERROR)
-        try:
+        # Read-only: orbax warns of each option that read-only mode turns off, nothing to act on.
+        with _absl_errors_only(read_only):
             # cleanup_tmp_directories: the partial writes of a run killed mid-save, removed at start.
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                    enable_async_checkpointing=not read_only,
                                                    cleanup_tmp_directories=not read_only)
             self.manager = ocp.CheckpointManager(self.directory, options=options,
                                                  item_names=("state", "data", "config"))
-        finally:
-            absl_logger.setLevel(level)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -66,6 +63,19 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
+
+    def read_weights(self, step: int, which: str, sharding: jax.sharding.Sharding) -> Any:
+        """One parameter tree of the train state (`which`: 'params' or 'ema_params'), placed by `sharding`,
+        and nothing else read: its shapes come from the checkpoint's own metadata, so no model or
+        optimiser is built, and a checkpoint of any optimiser or layout reads."""
+        with _absl_errors_only():  # orbax's notes on metadata that older checkpoints do not hold
+            saved = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state")
+        saved = getattr(saved, "item_metadata", saved)
+        target = {"train_state": {which: jax.tree_util.tree_map(
+            lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), saved["train_state"][which])}}
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
+        return restored["state"]["train_state"][which]
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -109,6 +119,28 @@ class Checkpoints:
             complete = complete_steps(self.directory)
             raise SaveError(f"writing a checkpoint in {self.directory} failed ({reason}); the complete ones are "
                             f"intact (steps: {', '.join(map(str, complete)) or 'none'})") from error
+
+
+def refuse_used_workdir(workdir: str | Path) -> None:
+    """FileExistsError where `workdir` already holds checkpoints (an import must not mix with a run)."""
+    directory = checkpoint_directory(workdir)
+    if directory.exists() and any(directory.iterdir()):
+        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new --workdir")
+
+
+def write_initial_checkpoint(config: TrainConfig, params: Any) -> dict:
+    """Step 0 of `config.workdir`: these weights as params and EMA, a fresh optimiser, the seed's step key;
+    what train.py resumes and sample.py reads. A summary: workdir, step, parameter count."""
+    state = train_state_from_params(config, jax.tree_util.tree_map(np.asarray, params))
+    _, step_rng = initial_keys(config.seed)
+    checkpoints = Checkpoints(config.workdir)
+    try:
+        checkpoints.save(0, {"train_state": state, "rng": step_rng}, {"next_index": 0}, config.to_dict())
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    return {"workdir": config.workdir, "step": 0,
+            "parameters": int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))}
 
 
 def complete_steps(directory: Path) -> list[int]:
@@ -181,10 +213,6 @@ def _from_a_read(error: BaseException | None, source: Any) -> bool:
 background_read_errors = BackgroundReadErrors()
 
 
-class SaveError(RuntimeError):
-    """The file system refused a checkpoint write: the run stops, exit code 1."""
-
-
 # What the machine, not a checkpoint's own files, can make fail: memory, permissions, space, time.
 # `errno`s for Python's errors; the texts for the errors tensorstore and XLA raise as ValueError.
 TRANSIENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENOMEM, errno.EMFILE,
@@ -229,6 +257,58 @@ def damage_description(error: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     first_line = (str(error).splitlines() or [""])[0].split(" See full TensorStore details")[0][:200]
     return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+# -- the resume policy: which checkpoint restores, damage set aside ------------------------------
+
+def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstract) -> tuple[str, object]:
+    """('ok', (state, data state)), ('damaged', error) or ('error', error) for one checkpoint."""
+    try:
+        saved = checkpoints.read_config(step)
+        differing = incompatible_fields(saved, config.to_dict(), trained=step > 0)
+        if differing:
+            raise ConfigError(f"cannot resume {config.workdir} (step {step}): the config differs in "
+                             f"{', '.join(differing)}")
+        return "ok", checkpoints.restore(step, abstract)
+    except ConfigError:
+        raise
+    except Exception as error:
+        return ("damaged" if is_damage(error) else "error"), error
+
+
+OUTCOMES = ("ok", "damaged", "error")
+
+
+def agreed_outcome(step: int, outcome: str) -> str:
+    """Every process's outcome, reduced to one they all act on: any error stops all of them, any
+    damage sets the checkpoint aside for all (process 0 renames it)."""
+    return OUTCOMES[max(job.gather(f"restore-{step}", OUTCOMES.index(outcome)))]
+
+
+def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract) -> tuple[int, dict, dict]:
+    """(step, state, data state) of the newest checkpoint that restores. A damaged one (its own files
+    unreadable or inconsistent) is renamed N.damaged, kept, and named in a warning; any other failure
+    (memory, permissions, disk, timeouts) stops the run with nothing renamed; if none restores, the run
+    stops rather than start over."""
+    for step in reversed(checkpoints.all_steps()):
+        outcome, result = try_restore(checkpoints, step, config, abstract)
+        agreed = agreed_outcome(step, outcome)
+        if agreed == "ok":
+            return step, *result
+        if agreed == "error":
+            reason = job.describe(result) if outcome == "error" else "another process failed to read it"
+            raise TrainingError(f"cannot restore checkpoint step {step} ({reason}); nothing was renamed or "
+                                f"changed: fix the cause and run again")
+        if outcome == "damaged":
+            background_read_errors.write(f"checkpoint step {step}, process {jax.process_index()}:\n"
+                                         + "".join(traceback.format_exception(result)))
+        kept = checkpoints.set_aside(step)
+        if jax.process_index() == 0:
+            why = damage_description(result) if outcome == "damaged" else "unreadable in another process"
+            print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one "
+                  f"(the reads' errors: {background_read_errors.path})", file=sys.stderr)
+    raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
+                        f"as *.damaged); move them away to start afresh")
 
 
 def saved_config(workdir: str | Path) -> dict | None:
@@ -301,10 +381,22 @@ def load_config(workdir: str | Path, step: int | None = None) -> TrainConfig:
 
 def load_params(workdir: str | Path, step: int | None = None, ema: bool = True) -> tuple[Any, dict, int]:
     """(params, config dict, step) from a workdir's latest checkpoint, or from `step`, on this process's
-    first device (any process of a multi-host job may call it)."""
+    first device (any process of a multi-host job may call it); only those parameters are read."""
     with _reading(workdir, step) as (checkpoints, step):
         config = checkpoints.read_config(step)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        state, _ = checkpoints.restore(step, abstract_checkpoint(TrainConfig.from_dict(config), device))
-    train_state = state["train_state"]
-    return (train_state.ema_params if ema else train_state.params), config, step
+        params = checkpoints.read_weights(step, "ema_params" if ema else "params", device)
+    return params, config, step
+
+
+@contextlib.contextmanager
+def _absl_errors_only(quiet: bool = True):
+    """absl's (orbax's) log below ERROR silenced for the block, where `quiet`."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,30 +1,21 @@
-"""What the command lines share: one line for a user's mistake, flags generated from the config
-dataclasses (each field that declares itself a flag; `--preset` choosing train.py's defaults), and
-XLA:CPU's convolutions."""
+"""What the command lines share: one line for a user's mistake, and the flags: generated from the config
+dataclasses (each field that declares itself a flag; `--preset` choosing train.py's defaults), `--debug`,
+and the parsers train.py, sample.py and evaluate.py build from them."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib.metadata
-import importlib.util
 import json
-import mmap
-import os
-import pkgutil
 import sys
 import types
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from .train_config import PRESETS
-from .unet_config import ConfigError, choices_of, is_flag
-
-
-class UsageError(ValueError):
-    """A bad flag or flag combination: one line on stderr, exit code 2."""
+from .config import PRESETS, SamplingConfig
+from .config.fields import choices_of, is_flag
+from .errors import ConfigError, UsageError
+from .runtime import use_xla_cpu_convolutions
 
 
 def run_command(action: Callable[[argparse.Namespace], dict], args: argparse.Namespace,
@@ -106,58 +97,27 @@ def build_train_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="the defaults every other flag overrides (shown below: digits). Without it, a "
                              "workdir that holds checkpoints gives the config it was saved with; others digits")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    add_debug_flag(parser)
     add_config_flags(parser.add_argument_group("training"), PRESETS["digits"])
     add_config_flags(parser.add_argument_group("model"), PRESETS["digits"].model)
     return parser
 
 
-# -- XLA:CPU --------------------------------------------------------------------------------------
-
-YNNPACK_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-ACCELERATOR_PLATFORMS = ("cuda", "gpu", "rocm", "tpu")
-
-
-def use_xla_cpu_convolutions() -> None:
-    """Keep XLA:CPU's own convolutions instead of YNNPACK's, before JAX starts its CPU backend.
-
-    XLA hands convolutions to YNNPACK by default, which runs each of this U-Net's small ones on a
-    single core; XLA's own use every core: the digits train step goes from 278 to 197 ms on 2 cores
-    (docs/benchmarks.md). Set only where JAX will compute on the CPU and the installed jaxlib knows
-    the option (XLA aborts at start-up on a flag it does not know); a user's XLA_FLAGS naming it wins."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if YNNPACK_OPTION in flags or not cpu_is_the_backend() or not jaxlib_knows_flag(YNNPACK_OPTION):
-        return
-    os.environ["XLA_FLAGS"] = f"{flags} --{YNNPACK_OPTION}=".strip()
+def build_sampling_parser(description: str, defaults: SamplingConfig) -> argparse.ArgumentParser:
+    """sample.py's and evaluate.py's flags: --workdir, --debug and each SamplingConfig field (defaults shown:
+    `defaults`)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--workdir", default=PRESETS["digits"].workdir, help="the training run's workdir")
+    add_debug_flag(parser)
+    add_config_flags(parser.add_argument_group("sampling"), defaults)
+    return parser
 
 
-def cpu_is_the_backend() -> bool:
-    """Whether JAX will compute on the CPU, decided without starting it: JAX_PLATFORMS names the CPU
-    first, or no accelerator plugin (CUDA, ROCm, TPU) is installed."""
-    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
-    if platforms:
-        return platforms[0] == "cpu"
-    plugins = {entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")}
-    try:
-        import jax_plugins
-        plugins |= {module.name for module in pkgutil.iter_modules(jax_plugins.__path__)}
-    except ImportError:
-        pass
-    if importlib.util.find_spec("libtpu") is not None:
-        plugins.add("tpu")
-    return not any(platform in name for name in plugins for platform in ACCELERATOR_PLATFORMS)
+def sampling_config(args: argparse.Namespace, defaults: SamplingConfig) -> SamplingConfig:
+    """`defaults` with the SamplingConfig fields the command line gave."""
+    return dataclasses.replace(defaults, **given_fields(args, SamplingConfig))
 
 
-@functools.cache
-def jaxlib_knows_flag(name: str) -> bool:
-    """Whether the installed jaxlib's XLA defines the flag `name`: its name is in XLA's library."""
-    spec = importlib.util.find_spec("jaxlib")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    needle = name.encode()
-    libraries = Path(next(iter(spec.submodule_search_locations))).glob("*.so*")
-    for library in sorted(path for path in libraries if path.stat().st_size):
-        with open(library, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if data.find(needle) >= 0:
-                return True
-    return False
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """--debug: run_command shows a user's mistake with its traceback instead of one line."""
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -30,8 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from .unet_config import ConfigError, ConversionError, UNetConfig, read_json
-from .weights import Params, float32_array, flatten, load_torch_state_dict, unwrap
+from .config import UNetConfig
+from .config.unet_config import GROUP_NORM_EPSILON
+from .diffusion import DDPM_BETAS
+from .errors import ConfigError, ConversionError
+from .weights import Params, float32_array, flatten, load_torch_state_dict, read_json, unwrap
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -58,7 +61,7 @@ UNET2D_DEFAULTS: dict[str, Any] = {
     "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
     "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
     "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
-    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+    "norm_eps": GROUP_NORM_EPSILON, "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
     "num_class_embeds": None, "num_train_timesteps": None,
 }
 # Settings that must have one value, because the U-Net has no other.
@@ -367,8 +370,6 @@ def params_to_diffusers(config: UNetConfig, params: Mapping[str, Any]) -> dict[s
 # diffusers' names -> unet_flax's: the schedules and predictions both have.
 BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
-# DDPM's linear betas at T = 1000, which unet_flax's linear schedule scales by 1000 / T.
-DDPM_BETAS = (1e-4, 0.02)
 
 
 def schedule_from_diffusers(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -388,7 +389,7 @@ def schedule_from_diffusers(fields: Mapping[str, Any]) -> dict[str, Any]:
                           f"{tuple(BETA_SCHEDULES)}")
     if beta_schedule == "linear":
         expected = tuple(beta * 1000 / timesteps for beta in DDPM_BETAS)
-        given = (fields.get("beta_start", 1e-4), fields.get("beta_end", 0.02))
+        given = (fields.get("beta_start", DDPM_BETAS[0]), fields.get("beta_end", DDPM_BETAS[1]))
         if not np.allclose(given, expected, rtol=1e-6, atol=0):
             raise ConfigError(f"scheduler beta_start, beta_end = {given[0]}, {given[1]} with num_train_timesteps = "
                               f"{timesteps} cannot be expressed: unet_flax's linear betas run from "
@@ -460,7 +461,7 @@ def model_folders(folder: Path) -> tuple[Path, Path | None]:
 def from_diffusers(folder: str | Path, variant: str | None = None) -> tuple[UNetConfig, Params]:
     """(UNetConfig, Flax params) from a folder that `UNet2DModel.save_pretrained` wrote, or from the
     unet/ of a pipeline's folder."""
-    from .training import param_shapes
+    from .model import param_shapes
 
     folder, _ = model_folders(Path(folder))
     if not (folder / CONFIG_NAME).is_file():

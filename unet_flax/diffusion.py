@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .unet_config import ConfigError
+from .errors import ConfigError
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+# DDPM's linear betas, first and last, at T = 1000; the linear schedule scales them by 1000 / T.
+DDPM_BETAS = (1e-4, 0.02)
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array], Array]  # (x_t, t) -> model output
@@ -43,7 +45,7 @@ def beta_schedule(name: str, timesteps: int = 1000) -> np.ndarray:
     """float64 betas: 'linear' (DDPM, 1e-4..0.02 at T=1000) or 'cosine' (improved DDPM)."""
     if name == "linear":
         scale = 1000 / timesteps
-        return np.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=np.float64)
+        return np.linspace(scale * DDPM_BETAS[0], scale * DDPM_BETAS[1], timesteps, dtype=np.float64)
     if name == "cosine":
         s = 0.008
         steps = np.arange(timesteps + 1, dtype=np.float64) / timesteps

@@ -3,7 +3,7 @@
 The Frechet distance between Gaussian fits of classifier features (the penultimate layer) of generated
 and held-out real digits; the same distance between the real training and held-out splits is the
 floor a perfect generator would reach. The classifier is a small CNN trained here on the training
-split (`python -m unet_flax.evaluation`, about 100 s on 2 CPU cores; the 16x16 weights are shipped in
+split (`python -m unet_flax.scripts.train_classifier`, about 100 s on 2 CPU cores; the 16x16 weights are shipped in
 assets/), so nothing is downloaded; it also says which digit a sample shows, for class agreement.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from . import diffusion, input_pipeline
-from .unet_config import ConfigError
+from .errors import ConfigError
 
 HELD_OUT = 450  # of the 1,797 digits; the other 1,347 train the classifier (and the diffusion model sees all)
 SPLIT_SEED = 0
@@ -85,7 +85,7 @@ SHIPPED = Path(__file__).parent / "assets" / "digit_classifier_{size}px.msgpack"
 
 
 def classifier_params(image_size: int, cache_dir: str | Path | None = None) -> dict:
-    """The classifier's weights: shipped for 16x16 (`python -m unet_flax.evaluation` wrote them), so every
+    """The classifier's weights: shipped for 16x16 (`python -m unet_flax.scripts.train_classifier` wrote them), so every
     machine measures with the same network; other sizes are trained on first use and cached."""
     template = DigitClassifier().init(jax.random.PRNGKey(0), jnp.zeros((1, image_size, image_size, 1)))["params"]
     shipped = Path(str(SHIPPED).format(size=image_size))
@@ -144,7 +144,3 @@ def sample_quality(images: np.ndarray, labels: np.ndarray | None) -> dict[str, f
     return {"fd": round(fd, 4), "fd_real_floor": round(floor, 4), "fd_ratio": round(fd / floor, 3),
             "class_agreement": None if labels is None else float(np.mean(sample_predictions == labels)),
             "classifier_held_out_accuracy": float(np.mean(held_out_predictions == held_out.labels))}
-
-if __name__ == "__main__":
-    # Retrain the shipped 16x16 classifier (deterministic on a given machine).
-    Path(str(SHIPPED).format(size=16)).write_bytes(flax.serialization.to_bytes(train_classifier(16)))

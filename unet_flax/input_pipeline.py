@@ -4,7 +4,7 @@ Sources: scikit-learn's digits (the default, nothing downloaded), an .npz with u
 (and optional `labels`) and a CIFAR-10 "python version" folder are held in memory; a folder of
 PNG/JPEG images (labels from sub-folder names) is only listed at start-up and each image is decoded,
 resized and centre-cropped when a batch needs it; a folder of ArrayRecord shards written by
-`python -m unet_flax.input_pipeline pack` holds examples ready to use, for the largest sets.
+`python -m unet_flax.scripts.pack` holds examples ready to use, for the largest sets.
 
 The pipeline is a grain MapDataset: a deterministic per-seed order, reshuffled each epoch, batched,
 each process taking only its own rows of every global batch (rows that do not depend on the number
@@ -14,7 +14,6 @@ devices scale them.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import functools
@@ -23,7 +22,6 @@ import json
 import multiprocessing
 import os
 import pickle
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +30,8 @@ from typing import Protocol
 import grain
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError
 
 # Every file Pillow opens by itself: its formats' suffixes, less the stubs that need a plug-in or a
 # program Pillow does not ship (HDF5, GRIB, BUFR, PostScript, Windows metafiles) and video.
@@ -43,10 +43,6 @@ GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 RECORDS_INFO = "unet_flax_records.json"  # marks a folder written by `pack`
 Example = dict[str, np.ndarray]
-
-
-class DataError(ValueError):
-    """The data cannot be used; the message names the file or value."""
 
 
 class Source(Protocol):
@@ -505,32 +501,3 @@ def batches_from(dataset: grain.MapDataset, start: int, workers: int) -> Iterato
             iterable, grain.experimental.DatasetOptions(min_shm_size=2**62))
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
     return iter(iterable)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import UsageError, run_command
-
-    parser = argparse.ArgumentParser(prog="python -m unet_flax.input_pipeline",
-                                     description="Prepare training data for the largest sets.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    packer = commands.add_parser("pack", help="an image folder, an .npz or a CIFAR-10 folder -> ArrayRecord "
-                                              "shards that train.py --data reads")
-    packer.add_argument("source", help="what train.py --data accepts")
-    packer.add_argument("--out", required=True, help="a new or empty folder for the shards")
-    packer.add_argument("--image-size", type=int, required=True, help="images are resized and centre-cropped to it")
-    packer.add_argument("--examples-per-shard", type=int, default=10_000)
-    packer.add_argument("--workers", type=int, default=None, help="decoding processes (default: one per core)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    args = parser.parse_args(argv)
-
-    def run(args: argparse.Namespace) -> dict:
-        for name in ("image_size", "examples_per_shard", "workers"):
-            value = getattr(args, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        return pack(args.source, args.out, args.image_size, args.examples_per_shard, args.workers)
-    return run_command(run, args, (FileNotFoundError, FileExistsError, DataError))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

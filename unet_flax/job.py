@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 from jax.experimental import multihost_utils
 
-from .unet_config import ConfigError
+from .errors import ConfigError
 
 TIMEOUT_MS = 30 * 60 * 1000  # a peer that fails says so (PeerFailures); this is for hangs
 # A process that sends no heartbeat for this long is lost (killed, its host gone): the others stop.

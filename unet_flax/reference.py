@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .unet_config import UNetConfig, check_divisible, timestep_frequencies
+from .config.unet_config import UNetConfig, check_divisible, timestep_frequencies
 from .diffusion import beta_schedule, sampling_timesteps
 
 

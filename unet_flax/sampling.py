@@ -16,56 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from . import diffusion
 from .checkpoint import load_params
 from .model import UNet
-from .train_config import TrainConfig
-from .training import DATA_AXIS
-from .unet_config import ConfigError, UNetConfig, check_choices, check_range, require_null_label, setting
-
-SAMPLERS = ("ddim", "ddpm")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-    """What to sample from a trained model, and how (sample.py's and evaluate.py's flags)."""
-
-    num_samples: int = 100
-    # ddpm: ancestral, over every training step (eta 1); ddim: sampling_steps, eta
-    sampler: str = setting("ddim", choices=SAMPLERS)
-    sampling_steps: int = 50
-    eta: float = 0.0
-    # DDIM's timesteps: evenly from T-1 to 0, or diffusers' leading or trailing
-    timestep_spacing: str = setting("linspace", choices=diffusion.TIMESTEP_SPACINGS)
-    guidance_scale: float | None = None  # classifier-free guidance; None: the training config's
-    labels: tuple[int, ...] | None = None  # class labels, cycled to num_samples; None: every class, a row each
-    seed: int = 0
-    batch_size: int = 100
-    step: int | None = None  # the checkpoint's; None: the latest
-    ema: bool = True  # the EMA weights, else the raw parameters
-
-    def __post_init__(self) -> None:
-        if self.labels is not None:  # lists from JSON or Python: stored as a tuple, so the config stays hashable
-            object.__setattr__(self, "labels", tuple(int(label) for label in self.labels))
-            if not self.labels:
-                raise ConfigError("labels is empty: name at least one class, or leave labels out for every class")
-        for name in ("num_samples", "sampling_steps", "batch_size"):
-            check_range(name, getattr(self, name), 1, integer=True)
-        check_range("eta", self.eta, 0)
-        check_range("guidance_scale", self.guidance_scale, optional=True)
-        check_range("seed", self.seed, integer=True)
-        check_range("step", self.step, 0, integer=True, optional=True)
-        check_choices(self)
-
-    @classmethod
-    def during_training(cls, config: TrainConfig) -> "SamplingConfig":
-        """train.py's grids: the config's samples, steps and guidance, in one batch, from seed + 1."""
-        return cls(num_samples=config.num_samples, sampling_steps=config.sampling_steps,
-                   guidance_scale=config.guidance_scale, seed=config.seed + 1, batch_size=config.num_samples)
-
+from .config import SamplingConfig, TrainConfig, UNetConfig
+from .config.unet_config import compute_dtype
+from .errors import ConfigError
+from .parallel import DATA_AXIS, data_mesh
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
@@ -79,8 +39,7 @@ class Samples:
 def for_this_backend(model: UNetConfig) -> UNetConfig:
     """A saved model config set to sample here, whatever it was trained with: float32 on the CPU (no
     fast bf16 there), the attention this backend runs best, no remat. Weights do not depend on these."""
-    dtype = "float32" if jax.default_backend() == "cpu" else model.dtype
-    return dataclasses.replace(model, dtype=dtype, attention_impl="auto", remat=False)
+    return dataclasses.replace(model, dtype=compute_dtype(jax.default_backend(), model.dtype), attention_impl="auto", remat=False)
 
 
 def sample_from_checkpoint(workdir: str | Path, sampling: SamplingConfig, progress: bool = False) -> Samples:
@@ -100,7 +59,7 @@ def sample(params: Any, config: TrainConfig, sampling: SamplingConfig, progress:
     labels, columns = class_labels(sampling, model.num_classes)
     guidance = config.guidance_scale if sampling.guidance_scale is None else sampling.guidance_scale
     if labels is not None:
-        require_null_label("guidance_scale", guidance, 1.0, model)
+        model.require_null_label("guidance_scale", guidance, 1.0)
     config = dataclasses.replace(config, model=model)
     images = _generate_in_batches(params, config, labels, num_steps=num_steps, eta=eta, guidance_scale=guidance,
                                   sampling=sampling, progress=progress)
@@ -132,7 +91,7 @@ def guided_denoiser(model: UNet, params, labels: jax.Array | None, guidance_scal
     num_classes = model.config.num_classes
     if labels is None or num_classes is None or guidance_scale == 1.0:
         return lambda x, t: model.apply({"params": params}, x, t, labels, context)
-    require_null_label("guidance_scale", guidance_scale, 1.0, model.config)
+    model.config.require_null_label("guidance_scale", guidance_scale, 1.0)
 
     def pairs(a: jax.Array, b: jax.Array) -> jax.Array:
         # Example i's two halves at rows 2i and 2i+1: a batch sharded over devices keeps each pair on one.
@@ -181,7 +140,7 @@ def _generate_in_batches(params, config: TrainConfig, labels: np.ndarray | None,
     num_samples, batch_size = sampling.num_samples, sampling.batch_size
     starts = range(0, num_samples, batch_size)
     devices = jax.local_device_count()  # this process's own: in a multi-host job one process samples
-    mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+    mesh = data_mesh(jax.local_devices())
     if devices > 1:
         params = jax.device_put(params, NamedSharding(mesh, P()))
     for start in tqdm(starts, unit="batch", disable=not progress or len(starts) == 1):

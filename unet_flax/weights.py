@@ -1,13 +1,16 @@
-"""Weights as plain numpy, for the converters (unet_flax.convert, unet_flax.diffusers_format): params
-trees as flat paths and back, and any framework's arrays as float32."""
+"""Weights and their configs as plain numpy and JSON, for the converters (unet_flax.torch_format,
+unet_flax.diffusers_format): params trees as flat paths and back, any framework's arrays as float32,
+PyTorch files refused in one line, config files read with errors that say where."""
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .unet_config import ConversionError
+from .errors import ConfigError, ConversionError
 
 Params = dict[str, Any]
 
@@ -75,3 +78,16 @@ def _first_reason(error: Exception) -> str:
         text = text.split(marker, 1)[1]
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[0].split(". ")[0].rstrip(".") if lines else type(error).__name__
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file, or a ConfigError naming the file and where it stops being JSON."""
+    try:
+        fields = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{what} {path} is not valid JSON ({error.msg} at line {error.lineno}, "
+                          f"column {error.colno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{what} {path} holds a JSON {type(fields).__name__}, not an object of fields")
+    return fields
+

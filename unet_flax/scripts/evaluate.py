@@ -17,9 +17,10 @@ from pathlib import Path
 
 from unet_flax import evaluation
 from unet_flax.checkpoint import load_config
-from unet_flax.cli import UsageError, run_command
-from unet_flax.sampling import SamplingConfig, sample_from_checkpoint
-from unet_flax.scripts.sample import sampling_parser, sampling_config
+from unet_flax.cli import build_sampling_parser, run_command, sampling_config
+from unet_flax.config import SamplingConfig
+from unet_flax.errors import UsageError
+from unet_flax.sampling import sample_from_checkpoint
 
 # As many samples as the real training split, in larger batches than sample.py's.
 DEFAULTS = SamplingConfig(num_samples=1347, batch_size=250)
@@ -40,7 +41,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = sampling_parser(__doc__.split("\n\n")[0], DEFAULTS)
+    parser = build_sampling_parser(__doc__.split("\n\n")[0], DEFAULTS)
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     return run_command(evaluate, args)

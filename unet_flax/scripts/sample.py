@@ -7,28 +7,15 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from unet_flax.cli import add_config_flags, given_fields, run_command
-from unet_flax.sampling import SamplingConfig, sample_from_checkpoint
+from unet_flax.cli import build_sampling_parser, run_command, sampling_config
+from unet_flax.config import SamplingConfig
+from unet_flax.sampling import sample_from_checkpoint
 from unet_flax.visualize import save_grid
-
-
-def sampling_parser(description: str, defaults: SamplingConfig) -> argparse.ArgumentParser:
-    """--workdir, --debug and a flag for each SamplingConfig field (defaults shown: `defaults`)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--workdir", default="runs/digits", help="the training run's workdir")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    add_config_flags(parser.add_argument_group("sampling"), defaults)
-    return parser
-
-
-def sampling_config(args: argparse.Namespace, defaults: SamplingConfig) -> SamplingConfig:
-    return dataclasses.replace(defaults, **given_fields(args, SamplingConfig))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -46,7 +33,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = sampling_parser(__doc__.split("\n\n")[0], SamplingConfig())
+    parser = build_sampling_parser(__doc__.split("\n\n")[0], SamplingConfig())
     parser.add_argument("--out", default=None, help="PNG grid path (default: WORKDIR/samples_sample.png)")
     parser.add_argument("--npz", default=None, help="also write uint8 NHWC `images` (+ `labels`) here")
     args = parser.parse_args(argv)

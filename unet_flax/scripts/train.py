@@ -10,18 +10,17 @@ is resumed from its latest one, with the config saved there as the defaults (unl
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
-from pathlib import Path
 
 import jax
 
-from unet_flax import input_pipeline, job, trainer
-from unet_flax.checkpoint import SaveError, saved_config
+from unet_flax import job, train_loop
+from unet_flax.checkpoint import saved_config
 from unet_flax.cli import build_train_parser, given_fields, run_command
-from unet_flax.train_config import PRESETS, TrainConfig, resolve_config
-from unet_flax.unet_config import UNetConfig
+from unet_flax.config import PRESETS, TrainConfig, UNetConfig, resolve_config
+from unet_flax.errors import DataError, SaveError, TrainingError
+from unet_flax.runtime import use_compilation_cache
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -30,17 +29,14 @@ def run(args: argparse.Namespace) -> dict:
         job.join_job(given.get("coordinator_address"), given.get("num_processes"), given.get("process_id"))
     saved = saved_config(given.get("workdir", PRESETS["digits"].workdir)) if args.preset is None else None
     config = resolve_config(given, args.preset, saved, jax.default_backend())
-    return trainer.train(config)
+    return train_loop.train(config)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_train_parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    cache = os.environ.get("UNET_FLAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "unet_flax" / "xla"))
-    jax.config.update("jax_compilation_cache_dir", cache)  # a restarted run does not compile again
-    # Also the many small programs (placing the state, checkpointing), about 30 ms each to compile.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    use_compilation_cache()
     try:
-        code = run_command(run, args, (trainer.TrainingError, SaveError, input_pipeline.DataError))
+        code = run_command(run, args, (TrainingError, SaveError, DataError))
     except BaseException:
         if jax.distributed.is_initialized():  # the peers are stopping: no shutdown barrier to wait in
             traceback.print_exc()

@@ -1,36 +1,25 @@
-"""The train state, the optimiser, one pure train step, and the pmap / sharded-jit drivers around it.
+"""The train state, the optimiser and one pure train step: `make_train_step(config)`.
 
 `train_step(state, batch, rng)` is written for one device's share of the batch and averages
-gradients and metrics over the named axis 'data'. `jax.pmap` names that axis over the local
-devices; the sharded-jit driver names it with `jax.shard_map` over a 1-D `Mesh`. Both donate the
-state. Noise and timesteps are drawn per example from its global index, so the result does not
-depend on how many devices share the batch.
+gradients and metrics over the named axis `parallel.DATA_AXIS`; the drivers in unet_flax.parallel run
+it on many devices. Noise and timesteps are drawn per example from its global index, so the result
+does not depend on how many devices share the batch.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental.layout import Layout, with_layout_constraint
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from . import diffusion
-from .train_config import TrainConfig
-from .unet_config import ConfigError, UNetConfig
-from .model import UNet
-
-DATA_AXIS = "data"
-
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
-StepFn = Callable[[Any, Batch, jax.Array], tuple[Any, Metrics]]
+from .config import TrainConfig
+from .model import UNet, init_params
+from .parallel import DATA_AXIS, STEP_FUNCTIONS_KEPT, Batch, Metrics, StepFn
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -77,36 +66,12 @@ def ema_decay(max_decay: float, applied_steps: jax.Array | int) -> jax.Array | f
     return min(max_decay, warm_up) if isinstance(warm_up, float) else jnp.minimum(max_decay, warm_up)
 
 
-def example_inputs(config: TrainConfig | UNetConfig, batch_size: int = 1) -> tuple:
-    m = config.model if isinstance(config, TrainConfig) else config
-    x = jnp.zeros((batch_size, m.image_size, m.image_size, m.in_channels), jnp.float32)
-    y = None if m.num_classes is None else jnp.zeros((batch_size,), jnp.int32)
-    return x, jnp.zeros((batch_size,), jnp.int32), y
-
-
-def init_params(model: UNetConfig, rng: jax.Array) -> Any:
-    """The U-Net's initial parameters, from one compiled program: run op by op, Flax's init compiles
-    each of its hundreds of small operations apart (25 s of a tiny run's start on a 2-core CPU)."""
-    if isinstance(rng, jax.core.Tracer):  # traced (eval_shape, a caller's jit): part of that program
-        return _init(model, rng)
-    return _init_program(jax.default_backend())(model, rng)
-
-
-@functools.cache
-def _init_program(backend: str) -> Callable[[UNetConfig, jax.Array], Any]:
-    # The program is one threefry expansion per parameter and runs once: LLVM's optimisations take
-    # XLA:CPU 30 s on it for nothing (5 s without them, on a 2-core CPU without AVX-512).
-    options = {"xla_backend_optimization_level": 0} if backend == "cpu" else None
-    return jax.jit(_init, static_argnums=0, compiler_options=options)
-
-
-def _init(model: UNetConfig, rng: jax.Array) -> Any:
-    return UNet(model).init(rng, *example_inputs(model))["params"]
-
-
-def param_shapes(model: UNetConfig) -> Any:
-    """The parameters' shapes and dtypes (jax.ShapeDtypeStruct leaves), computing nothing."""
-    return jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
+def initial_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(the parameters' initialisation key, the key every step's randomness derives from) of a run's seed.
+    Training and an imported checkpoint's step 0 both take them from here: a resumed import then draws
+    the same noise as a run that started from those weights."""
+    init_key, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+    return init_key, step_rng
 
 
 def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
@@ -130,7 +95,6 @@ NOT_READ_BY_THE_STEP = frozenset({
     "save_every", "keep_checkpoints", "log_every", "resume", "distributed", "coordinator_address",
     "num_processes", "process_id"})
 _TRAIN_STEPS: dict[tuple, StepFn] = {}  # the newest few, oldest first
-_TRAIN_STEPS_KEPT = 8
 
 
 def make_train_step(config: TrainConfig) -> StepFn:
@@ -140,7 +104,7 @@ def make_train_step(config: TrainConfig) -> StepFn:
     key = tuple((field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
                 if field.name not in unread)
     if key not in _TRAIN_STEPS:
-        if len(_TRAIN_STEPS) >= _TRAIN_STEPS_KEPT:
+        if len(_TRAIN_STEPS) >= STEP_FUNCTIONS_KEPT:
             del _TRAIN_STEPS[next(iter(_TRAIN_STEPS))]
         _TRAIN_STEPS[key] = _make_train_step(config)
     return _TRAIN_STEPS[key]
@@ -217,133 +181,4 @@ def in_parameter_layout(grads: Any) -> Any:
 
 
 # -- drivers -----------------------------------------------------------------------------------
-
-def data_mesh(devices: list | None = None) -> Mesh:
-    return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
-
-
-def check_batch_size(global_batch: int, num_devices: int) -> None:
-    if global_batch % num_devices:
-        raise ConfigError(f"batch size {global_batch} is not divisible by the {num_devices} devices; "
-                         f"use a multiple of {num_devices}")
-
-
-# One driver per step function (and mesh): JAX's caches are keyed by the function a driver wraps, and
-# shard_map wraps a new one at every call.
-@functools.lru_cache(maxsize=_TRAIN_STEPS_KEPT)
-def pmap_driver(train_step: StepFn) -> StepFn:
-    """`jax.pmap` over the local devices: state replicated with a leading device axis, batch split on it."""
-    return jax.pmap(train_step, axis_name=DATA_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-
-
-@functools.lru_cache(maxsize=_TRAIN_STEPS_KEPT)
-def jit_driver(train_step: StepFn, mesh: Mesh) -> StepFn:
-    """`jax.jit` over a 1-D mesh: state replicated, batch sharded on its first axis with NamedSharding."""
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-    per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
-                               out_specs=(P(), P()), check_vma=False)
-    return jax.jit(per_device, in_shardings=(replicated, sharded, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
-
-
-class Parallel:
-    """Moves the state and batches into the layout of the chosen driver and runs its step.
-
-    `canonical` state (what checkpoints hold) is the same under either driver, so a run saved under
-    pmap resumes under jit and back: one copy per process, on its first device. Orbax divides the
-    writing of a replicated array between its copies, cutting each slice with a program of its own
-    (5 s of a tiny network's first save on a 2-core CPU); one copy per process is one slice each.
-    """
-
-    def __init__(self, kind: str, train_step: StepFn, global_batch: int):
-        self.kind = kind
-        self.mesh = data_mesh()
-        check_batch_size(global_batch, jax.device_count())
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
-        self.saved = NamedSharding(Mesh(np.asarray(first_device_of_each_process()), (DATA_AXIS,)), P())
-        if kind == "pmap":
-            self.step_fn = pmap_driver(train_step)
-        elif kind == "jit":
-            self.step_fn = jit_driver(train_step, self.mesh)
-        else:
-            raise ValueError(f"parallel must be 'pmap' or 'jit', got {kind!r}")
-
-    def put_state(self, state: Any) -> Any:
-        """Canonical (or host) state -> the driver's layout."""
-        host = jax.tree_util.tree_map(local_value, state)
-        if self.kind == "pmap":
-            # pmap's layout: a leading axis over the local devices, one copy on each.
-            local = NamedSharding(Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,)), P(DATA_AXIS))
-            n = jax.local_device_count()
-            return jax.device_put(jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (n, *x.shape)), host), local)
-        return jax.tree_util.tree_map(self.replicate, host)
-
-    def host_state(self, state: Any) -> Any:
-        """The driver's layout -> numpy, one copy (read from this process's first device)."""
-        # pmap's copies are read whole and indexed on the host: indexing on the device compiles a
-        # program per parameter shape.
-        read = (lambda x: np.asarray(x.addressable_shards[0].data)[0]) if self.kind == "pmap" else local_value
-        return jax.tree_util.tree_map(read, state)
-
-    def canonical_state(self, state: Any) -> Any:
-        """The driver's layout -> what checkpoints hold (see the class)."""
-        return jax.tree_util.tree_map(self.to_saved, self.host_state(state))
-
-    def to_saved(self, value: np.ndarray) -> jax.Array:
-        """A host value as checkpoints hold it: on the first device of each process."""
-        return _place(value, self.saved)
-
-    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
-        """This process's rows of the global batch -> the driver's layout, on the devices (asynchronously)."""
-        if self.kind == "pmap":
-            n = jax.local_device_count()
-            local = NamedSharding(Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,)), P(DATA_AXIS))
-            return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), local)
-                    for k, v in local_batch.items()}
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
-
-    def compile(self, state: Any, batch: Batch, rng: jax.Array) -> None:
-        """Compile the step for these arguments now rather than at its first call, so that processes
-        can wait for each other before its first collective (see job.py)."""
-        compiled = self.step_fn.lower(state, batch, rng).compile()
-        # Across processes, pmap's compiled step takes global arrays, not each process's: pmap's first
-        # call compiles again, from the persistent compilation cache where one is set (train.py's).
-        if self.kind == "jit" or jax.process_count() == 1:
-            self.step_fn = compiled
-
-    def step(self, state: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
-        state, metrics = self.step_fn(state, batch, rng)
-        if self.kind == "pmap":
-            metrics = jax.tree_util.tree_map(first_replica, metrics)
-        return state, metrics
-
-    def replicate(self, value: np.ndarray) -> jax.Array:
-        return _place(value, self.replicated)
-
-
-def _place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """The same host value in every process -> a global array (each process fills its own devices)."""
-    value = np.asarray(value)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
-def first_device_of_each_process() -> list:
-    first = {}
-    for device in jax.devices():
-        first.setdefault(device.process_index, device)
-    return [first[process] for process in sorted(first)]
-
-
-def first_replica(x: jax.Array) -> jax.Array:
-    """Device 0's copy of a pmap output, without a transfer; across hosts the output is a global
-    array whose other rows live on other processes, so it is read from this process's first shard."""
-    return x.addressable_shards[0].data[0]
-
-
-def local_value(x: Any) -> np.ndarray:
-    """A replicated array's value, read from this process's first shard (works across hosts)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_shards[0].data)
-    return np.asarray(x)
 

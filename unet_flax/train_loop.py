@@ -1,15 +1,14 @@
 """The training loop: `train(config)` runs a TrainConfig in its workdir and returns a summary.
 
-    from unet_flax.train_config import PRESETS
-    from unet_flax.trainer import train
+    from unet_flax.config import PRESETS
+    from unet_flax.train_loop import train
     summary = train(PRESETS["digits"], workdir="runs/my_digits")
 
 A workdir that holds checkpoints is resumed from its newest one that restores (the config must
-agree with the one saved there in its FIXED fields); the data decides the model's channels and
-classes. The loop's parts: the device feed that reads batches ahead, the metrics (metrics.jsonl,
-TensorBoard), SIGTERM (a checkpoint, then a clean stop), the restore that tells a damaged checkpoint
-from a machine's failure, and, with several processes, one process's failure stopping them all.
-`python train.py` is this function behind a command line (unet_flax/scripts/train.py).
+agree with the one saved there in its FIXED fields; unet_flax.checkpoint decides which restores); the
+data decides the model's channels and classes. The loop's own parts: the device feed that reads batches
+ahead and the metrics (metrics.jsonl, TensorBoard); stopping together (SIGTERM, a failed or lost peer)
+is unet_flax.job's. `python train.py` is this function behind a command line (unet_flax/scripts/train.py).
 """
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from . import input_pipeline, job, training
-from .checkpoint import (Checkpoints, abstract_checkpoint, background_read_errors, checkpoint_directory,
-                         complete_steps, damage_description, incompatible_fields, is_damage)
-from .sampling import SamplingConfig, sample
-from .train_config import TrainConfig, fit_to_data
-from .unet_config import ConfigError
+from . import input_pipeline, job
+from .checkpoint import Checkpoints, abstract_checkpoint, checkpoint_directory, complete_steps, restore_newest_good
+from .config import SamplingConfig, TrainConfig, fit_to_data
+from .errors import DataError, TrainingError
+from .parallel import Batch, Parallel, local_value
+from .sampling import sample
+from .train_step import create_train_state, initial_keys, make_train_step
 from .visualize import save_grid, save_loss_curve
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, unusable workdir): exit code 1."""
 
 
 def sample_grid(config: TrainConfig, ema_params, path: Path) -> None:
@@ -143,7 +138,7 @@ class DeviceFeed:
     and the transfer of the next batches overlap the current step. Its state, saved with checkpoints,
     is the number of batches consumed (and the unreadable images passed over so far)."""
 
-    def __init__(self, dataset, workers: int, parallel: training.Parallel, state: dict, depth: int = 2):
+    def __init__(self, dataset, workers: int, parallel: Parallel, state: dict, depth: int = 2):
         self.consumed = int(state.get("next_index", 0))
         self.bad_images = int(state.get("bad_images", 0))
         self.batches = input_pipeline.batches_from(dataset, self.consumed, workers)
@@ -157,7 +152,7 @@ class DeviceFeed:
         self.consumed, self.bad_images = self.consumed + 1, self.bad_images + bad
         return batch
 
-    def peek(self) -> training.Batch:
+    def peek(self) -> Batch:
         """The next batch, left to be consumed."""
         self._read_ahead()
         return self.in_flight[0][0]
@@ -166,7 +161,7 @@ class DeviceFeed:
         while len(self.in_flight) < self.depth and self.error is None:
             try:
                 batch = next(self.batches)
-            except input_pipeline.DataError as error:
+            except DataError as error:
                 self.error = error
                 break
             bad = int(batch.pop("bad_images"))
@@ -194,67 +189,17 @@ def prepare_workdir(config: TrainConfig) -> Path:
     return workdir
 
 
-def try_restore(checkpoints: Checkpoints, step: int, config: TrainConfig, abstract) -> tuple[str, object]:
-    """('ok', (state, data state)), ('damaged', error) or ('error', error) for one checkpoint."""
-    try:
-        saved = checkpoints.read_config(step)
-        differing = incompatible_fields(saved, config.to_dict(), trained=step > 0)
-        if differing:
-            raise ConfigError(f"cannot resume {config.workdir} (step {step}): the config differs in "
-                             f"{', '.join(differing)}")
-        return "ok", checkpoints.restore(step, abstract)
-    except ConfigError:
-        raise
-    except Exception as error:
-        return ("damaged" if is_damage(error) else "error"), error
-
-
-OUTCOMES = ("ok", "damaged", "error")
-
-
-def agreed_outcome(step: int, outcome: str) -> str:
-    """Every process's outcome, reduced to one they all act on: any error stops all of them, any
-    damage sets the checkpoint aside for all (process 0 renames it)."""
-    return OUTCOMES[max(job.gather(f"restore-{step}", OUTCOMES.index(outcome)))]
-
-
-def restore_newest_good(checkpoints: Checkpoints, config: TrainConfig, abstract) -> tuple[int, dict, dict]:
-    """(step, state, data state) of the newest checkpoint that restores. A damaged one (its own files
-    unreadable or inconsistent) is renamed N.damaged, kept, and named in a warning; any other failure
-    (memory, permissions, disk, timeouts) stops the run with nothing renamed; if none restores, the run
-    stops rather than start over."""
-    for step in reversed(checkpoints.all_steps()):
-        outcome, result = try_restore(checkpoints, step, config, abstract)
-        agreed = agreed_outcome(step, outcome)
-        if agreed == "ok":
-            return step, *result
-        if agreed == "error":
-            reason = job.describe(result) if outcome == "error" else "another process failed to read it"
-            raise TrainingError(f"cannot restore checkpoint step {step} ({reason}); nothing was renamed or "
-                                f"changed: fix the cause and run again")
-        if outcome == "damaged":
-            background_read_errors.write(f"checkpoint step {step}, process {jax.process_index()}:\n"
-                                         + "".join(traceback.format_exception(result)))
-        kept = checkpoints.set_aside(step)
-        if jax.process_index() == 0:
-            why = damage_description(result) if outcome == "damaged" else "unreadable in another process"
-            print(f"warning: checkpoint step {step} is damaged ({why}); kept as {kept}, trying the previous one "
-                  f"(the reads' errors: {background_read_errors.path})", file=sys.stderr)
-    raise TrainingError(f"no checkpoint in {checkpoints.directory} could be restored (the damaged ones are kept "
-                        f"as *.damaged); move them away to start afresh")
-
-
-def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: training.Parallel
+def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: Parallel
                     ) -> tuple[int | None, dict, dict | None]:
     """(the step resumed from or None, {'train_state', 'rng'}, the data iterator's state or None)."""
-    init_key, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    init_key, step_rng = initial_keys(config.seed)
     if checkpoints.latest_step() is None:
         set_aside = sorted(p.name for p in checkpoints.directory.glob("*.damaged*"))
         if set_aside:  # a run requeued after every checkpoint was set aside must not begin again at step 0
             raise TrainingError(f"{checkpoints.directory} holds only checkpoints set aside as damaged "
                                 f"({', '.join(set_aside)}); to start afresh, move {checkpoints.directory} away "
                                 f"or use another --workdir")
-        return None, {"train_state": training.create_train_state(config, init_key), "rng": step_rng}, None
+        return None, {"train_state": create_train_state(config, init_key), "rng": step_rng}, None
     if not config.resume:
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
                             f"--no-resume was given: use another --workdir (nothing was changed)")
@@ -268,8 +213,8 @@ def train(config: TrainConfig, workdir: str | Path | None = None) -> dict[str, A
     """Train `config` in `workdir` (default: config.workdir) up to config.steps, resuming from the
     workdir's checkpoints; the summary: step, loss, workdir, resumed_from, samples, img_per_s, wall_s.
 
-    The user's mistakes raise ConfigError (a bad value or combination), input_pipeline.DataError
-    (unreadable data), TrainingError (a run that cannot go on) and checkpoint.SaveError (a refused
+    The user's mistakes raise ConfigError (a bad value or combination), DataError
+    (unreadable data), TrainingError (a run that cannot go on) and errors.SaveError (a refused
     write), each naming what to fix."""
     start = time.time()
     if workdir is not None:
@@ -295,7 +240,7 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
     config = fit_to_data(config, data.channels, data.num_classes, data.source)
     workdir = prepare_workdir(config)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    parallel = training.Parallel(config.parallel, training.make_train_step(config), config.batch_size)
+    parallel = Parallel(config.parallel, make_train_step(config), config.batch_size)
 
     resumed_from, saved, data_state = restore_or_init(checkpoints, config, parallel)
     summary = {"step": resumed_from or 0, "loss": None, "workdir": str(workdir), "resumed_from": resumed_from}
@@ -305,7 +250,7 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
               f"nothing overwritten", file=sys.stderr)
         return {**summary, "wall_s": round(time.time() - start, 2)}
     state = parallel.put_state(saved["train_state"])
-    rng = jnp.asarray(training.local_value(saved["rng"]))
+    rng = jnp.asarray(local_value(saved["rng"]))
     dataset = input_pipeline.make_dataset(data, config.batch_size, config.seed, config.hflip,
                                           jax.process_index(), jax.process_count())
     workers = input_pipeline.default_workers(data) if config.data_workers is None else config.data_workers
@@ -321,7 +266,7 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
     return summary
 
 
-def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, parallel: training.Parallel,
+def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, parallel: Parallel,
                 feed: DeviceFeed, state, rng: jax.Array, first_step: int) -> tuple[Any, int, bool, dict]:
     """Steps first_step + 1 .. config.steps, or until SIGTERM: logging every log_every steps, saving every
     save_every and at the end, sampling every sample_every. (state, last step, whether SIGTERM stopped

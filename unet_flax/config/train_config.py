@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .diffusion import PREDICTIONS, SCHEDULES, check_sampling_steps
-from .unet_config import (FREE, PER_PROCESS, ConfigError, UNetConfig, check_choices, check_range, fields_resumed,
-                          require_null_label, setting)
+from ..diffusion import PREDICTIONS, SCHEDULES, check_sampling_steps
+from ..errors import ConfigError
+from .fields import FREE, PER_PROCESS, check_choices, check_range, fields_resumed, setting
+from .unet_config import UNetConfig, compute_dtype
 
 LR_SCHEDULES = ("constant", "cosine")
 PARALLEL = ("pmap", "jit")
@@ -89,8 +90,8 @@ class TrainConfig:
             raise ConfigError(f"model out_channels {self.model.out_channels} differs from in_channels "
                               f"{self.model.in_channels}: diffusion predicts noise shaped like its input")
         if self.class_conditional:
-            require_null_label("label_dropout", self.label_dropout, 0.0, self.model)
-            require_null_label("guidance_scale", self.guidance_scale, 1.0, self.model)
+            self.model.require_null_label("label_dropout", self.label_dropout, 0.0)
+            self.model.require_null_label("guidance_scale", self.guidance_scale, 1.0)
         check_sampling_steps(self.sampling_steps, self.timesteps)
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,7 +108,7 @@ PRESETS: dict[str, TrainConfig] = {
     "digits": TrainConfig(
         model=UNetConfig(in_channels=1, base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1,
                          attention_resolutions=(8, 4), image_size=16, num_heads=4, num_groups=8),
-        workdir="runs/digits", class_conditional=True, steps=1500, batch_size=64, lr=2e-3,
+        class_conditional=True, steps=1500, batch_size=64, lr=2e-3,
         lr_schedule="cosine", warmup_steps=100, ema_decay=0.995, save_every=500, guidance_scale=1.5),
     # The DDPM CIFAR-10 U-Net (Ho et al. 2020) and its optimisation.
     "cifar10": TrainConfig(
@@ -131,7 +132,7 @@ def resolve_config(overrides: dict[str, Any], preset: str | None = None, saved: 
     else:
         base = PRESETS[preset or "digits"]
     overrides = dict(overrides)
-    overrides.setdefault("dtype", "float32" if backend == "cpu" else "bfloat16")
+    overrides.setdefault("dtype", compute_dtype(backend))
     model_names = {f.name for f in dataclasses.fields(UNetConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
     unknown = sorted(overrides.keys() - model_names - train_names)

@@ -5,22 +5,15 @@ Kept free of JAX and PyTorch imports so that either side, and the checkpoint cod
 from __future__ import annotations
 
 import dataclasses
-import math
-import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the field and the value."""
-
-
-class ConversionError(ValueError):
-    """Weights that do not fit the model (in unet_flax.convert): the message names the key and both shapes."""
-
+from ..errors import ConfigError
+from .fields import FREE, check_choices, check_range, setting
 
 DTYPES = ("float32", "bfloat16", "float16")
+GROUP_NORM_EPSILON = 1e-5  # torch.nn.GroupNorm's default; flax's is 1e-6
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # How a residual block takes the time embedding: as a scale and shift after norm2 (the seed's), or
 # added to the features before norm2 (DDPM's, diffusers' "default").
@@ -29,79 +22,6 @@ TIMESTEP_EMBEDDING_ORDERS = ("cos_sin", "sin_cos")
 # The stride-2 convolution's zero padding: one row/column on every side, or only after the last
 # (diffusers' downsample_padding=0).
 DOWNSAMPLE_PADDINGS = ("symmetric", "bottom_right")
-
-# What may change when a run resumes from a checkpoint: FIXED fields define the network, or which
-# batches and noise the remaining steps see; FREE ones may change (learning rate, steps, logging,
-# dtype, the driver); PER_PROCESS ones say how this process joins a job, never read from a saved config.
-FIXED, FREE, PER_PROCESS = "fixed", "free", "per_process"
-
-
-def setting(default: Any, *, resume: str = FIXED, choices: tuple[str, ...] | None = None,
-            flag: bool = True) -> Any:
-    """A config field with what the command line and resuming need to know of it: whether it is a
-    flag (not when the data decides it), its allowed values, and its resume policy."""
-    return dataclasses.field(default=default, metadata={"resume": resume, "choices": choices, "flag": flag})
-
-
-def choices_of(field: dataclasses.Field) -> tuple[str, ...] | None:
-    return field.metadata.get("choices")
-
-
-def is_flag(field: dataclasses.Field) -> bool:
-    return field.metadata.get("flag", True)
-
-
-def fields_resumed(cls: type, policy: str) -> tuple[str, ...]:
-    """The names of `cls`'s fields with this resume policy (a field that declares none is FIXED)."""
-    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("resume", FIXED) == policy)
-
-
-def check_choices(config: Any) -> None:
-    for field in dataclasses.fields(config):
-        allowed = choices_of(field)
-        if allowed is not None and getattr(config, field.name) not in allowed:
-            raise ConfigError(f"{field.name} must be one of {allowed}, got {getattr(config, field.name)!r}")
-
-
-def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = False, integer: bool = False,
-                optional: bool = False) -> None:
-    """`value` is a finite number (an integer where `integer`; None allowed where `optional`) within
-    [low, high], open at an end where asked: else one ConfigError naming the field and the value. Every
-    numeric check of every config goes through here, so inf and NaN, which pass a comparison written
-    the wrong way round, never reach a run."""
-    if value is None and optional:
-        return
-    or_none = " or None" if optional else ""
-    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not is_number or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number{or_none}, got {value!r}")
-    if integer and not isinstance(value, (int, np.integer)):
-        raise ConfigError(f"{name} must be an integer{or_none}, got {value!r}")
-    above = low is None or (value > low if low_open else value >= low)
-    below = high is None or (value < high if high_open else value <= high)
-    if not (above and below):
-        raise ConfigError(f"{name} must be {_range_text(low, high, low_open, high_open, integer)}{or_none}, "
-                          f"got {value!r}")
-
-
-def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool, integer: bool) -> str:
-    if high is None and (low, low_open) in ((0, True), (1, False)):
-        return "a positive integer" if integer else "positive"
-    if high is None:
-        return f"{'>' if low_open else '>='} {low}"
-    if low is None:
-        return f"{'<' if high_open else '<='} {high}"
-    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-
-
-def require_null_label(name: str, value: float, neutral: float, model: "UNetConfig") -> None:
-    """Classifier-free guidance and label dropout use the null label: a labelled model without one
-    (as imported from diffusers) takes neither."""
-    if value != neutral and model.num_classes is not None and not model.null_label:
-        raise ConfigError(f"{name} {value} needs the null label, and this model has none (null_label=False): "
-                          f"set {name} to {neutral}")
-
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
@@ -142,7 +62,7 @@ class UNetConfig:
     remat: bool = setting(False, resume=FREE)  # recompute each block in the backward pass to save memory
     # The variants of diffusers' UNet2DModel; the defaults are this project's own U-Net.
     time_conditioning: str = setting("scale_shift", choices=TIME_CONDITIONINGS)
-    norm_eps: float = 1e-5  # every GroupNorm's epsilon (torch.nn.GroupNorm's default)
+    norm_eps: float = GROUP_NORM_EPSILON  # every GroupNorm's epsilon
     timestep_embedding_order: str = setting("cos_sin", choices=TIMESTEP_EMBEDDING_ORDERS)
     timestep_frequency_shift: float = 0.0  # frequencies exp(-ln(10000) i / (dim/2 - shift))
     head_dim: int | None = None  # channels per attention head; when set, num_heads is not used
@@ -262,6 +182,13 @@ class UNetConfig:
             decoder.append(blocks)
         return encoder, decoder
 
+    def require_null_label(self, name: str, value: float, neutral: float) -> None:
+        """Classifier-free guidance and label dropout use the null label: a labelled model without one
+        (as imported from diffusers) takes neither; `name` set to anything but `neutral` is refused."""
+        if value != neutral and self.num_classes is not None and not self.null_label:
+            raise ConfigError(f"{name} {value} needs the null label, and this model has none (null_label=False): "
+                              f"set {name} to {neutral}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -295,16 +222,7 @@ def timestep_frequencies(dim: int, shift: float = 0.0, max_period: float = 10000
     return np.exp(exponent.astype(np.float64)).astype(np.float32)
 
 
-def read_json(path: str | Path, what: str) -> dict[str, Any]:
-    """A JSON object from a file, or a ConfigError naming the file and where it stops being JSON."""
-    try:
-        fields = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{what} {path} is not valid JSON ({error.msg} at line {error.lineno}, "
-                          f"column {error.colno})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path} is not a text file") from None
-    if not isinstance(fields, dict):
-        raise ConfigError(f"{what} {path} holds a JSON {type(fields).__name__}, not an object of fields")
-    return fields
-
+def compute_dtype(backend: str, accelerator_dtype: str = "bfloat16") -> str:
+    """The dtype to compute in on `backend`: float32 on the CPU, which has no fast bf16; elsewhere
+    `accelerator_dtype`."""
+    return "float32" if backend == "cpu" else accelerator_dtype

@@ -1,0 +1,159 @@
+"""The drivers that run one pure train step on many devices, and the mesh they name.
+
+`train_step(state, batch, rng)` (unet_flax.train_step) is written for one device's share of the batch
+and averages gradients and metrics over the named axis `DATA_AXIS`. `jax.pmap` names that axis over the
+local devices; the sharded-jit driver names it with `jax.shard_map` over a 1-D `Mesh`. Both donate the
+state. `Parallel` moves the state and the batches into the chosen driver's layout and back.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .errors import ConfigError
+
+DATA_AXIS = "data"
+# Step functions (and their drivers) kept per process: configs that differ only in what the step never
+# reads share one; a process that trains again (a notebook, a sweep, the tests) skips their tracing.
+STEP_FUNCTIONS_KEPT = 8
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+StepFn = Callable[[Any, Batch, jax.Array], tuple[Any, Metrics]]
+
+
+def data_mesh(devices: list | None = None) -> Mesh:
+    """A 1-D mesh named `DATA_AXIS` over `devices` (default: every device of the job)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
+
+
+def check_batch_size(global_batch: int, num_devices: int) -> None:
+    if global_batch % num_devices:
+        raise ConfigError(f"batch size {global_batch} is not divisible by the {num_devices} devices; "
+                         f"use a multiple of {num_devices}")
+
+
+# One driver per step function (and mesh): JAX's caches are keyed by the function a driver wraps, and
+# shard_map wraps a new one at every call.
+@functools.lru_cache(maxsize=STEP_FUNCTIONS_KEPT)
+def pmap_driver(train_step: StepFn) -> StepFn:
+    """`jax.pmap` over the local devices: state replicated with a leading device axis, batch split on it."""
+    return jax.pmap(train_step, axis_name=DATA_AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+@functools.lru_cache(maxsize=STEP_FUNCTIONS_KEPT)
+def jit_driver(train_step: StepFn, mesh: Mesh) -> StepFn:
+    """`jax.jit` over a 1-D mesh: state replicated, batch sharded on its first axis with NamedSharding."""
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
+                               out_specs=(P(), P()), check_vma=False)
+    return jax.jit(per_device, in_shardings=(replicated, sharded, replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+class Parallel:
+    """Moves the state and batches into the layout of the chosen driver and runs its step.
+
+    `canonical` state (what checkpoints hold) is the same under either driver, so a run saved under
+    pmap resumes under jit and back: one copy per process, on its first device. Orbax divides the
+    writing of a replicated array between its copies, cutting each slice with a program of its own
+    (5 s of a tiny network's first save on a 2-core CPU); one copy per process is one slice each.
+    """
+
+    def __init__(self, kind: str, train_step: StepFn, global_batch: int):
+        self.kind = kind
+        self.mesh = data_mesh()
+        check_batch_size(global_batch, jax.device_count())
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+        self.saved = NamedSharding(data_mesh(first_device_of_each_process()), P())
+        if kind == "pmap":
+            self.step_fn = pmap_driver(train_step)
+        elif kind == "jit":
+            self.step_fn = jit_driver(train_step, self.mesh)
+        else:
+            raise ValueError(f"parallel must be 'pmap' or 'jit', got {kind!r}")
+
+    def put_state(self, state: Any) -> Any:
+        """Canonical (or host) state -> the driver's layout."""
+        host = jax.tree_util.tree_map(local_value, state)
+        if self.kind == "pmap":
+            # pmap's layout: a leading axis over the local devices, one copy on each.
+            local = NamedSharding(data_mesh(jax.local_devices()), P(DATA_AXIS))
+            n = jax.local_device_count()
+            return jax.device_put(jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (n, *x.shape)), host), local)
+        return jax.tree_util.tree_map(self.replicate, host)
+
+    def host_state(self, state: Any) -> Any:
+        """The driver's layout -> numpy, one copy (read from this process's first device)."""
+        # pmap's copies are read whole and indexed on the host: indexing on the device compiles a
+        # program per parameter shape.
+        read = (lambda x: np.asarray(x.addressable_shards[0].data)[0]) if self.kind == "pmap" else local_value
+        return jax.tree_util.tree_map(read, state)
+
+    def canonical_state(self, state: Any) -> Any:
+        """The driver's layout -> what checkpoints hold (see the class)."""
+        return jax.tree_util.tree_map(self.to_saved, self.host_state(state))
+
+    def to_saved(self, value: np.ndarray) -> jax.Array:
+        """A host value as checkpoints hold it: on the first device of each process."""
+        return _place(value, self.saved)
+
+    def put_batch(self, local_batch: dict[str, np.ndarray]) -> Batch:
+        """This process's rows of the global batch -> the driver's layout, on the devices (asynchronously)."""
+        if self.kind == "pmap":
+            n = jax.local_device_count()
+            local = NamedSharding(data_mesh(jax.local_devices()), P(DATA_AXIS))
+            return {k: jax.device_put(v.reshape(n, v.shape[0] // n, *v.shape[1:]), local)
+                    for k, v in local_batch.items()}
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
+
+    def compile(self, state: Any, batch: Batch, rng: jax.Array) -> None:
+        """Compile the step for these arguments now rather than at its first call, so that processes
+        can wait for each other before its first collective (see job.py)."""
+        compiled = self.step_fn.lower(state, batch, rng).compile()
+        # Across processes, pmap's compiled step takes global arrays, not each process's: pmap's first
+        # call compiles again, from the persistent compilation cache where one is set (train.py's).
+        if self.kind == "jit" or jax.process_count() == 1:
+            self.step_fn = compiled
+
+    def step(self, state: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
+        state, metrics = self.step_fn(state, batch, rng)
+        if self.kind == "pmap":
+            metrics = jax.tree_util.tree_map(first_replica, metrics)
+        return state, metrics
+
+    def replicate(self, value: np.ndarray) -> jax.Array:
+        return _place(value, self.replicated)
+
+
+def _place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The same host value in every process -> a global array (each process fills its own devices)."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def first_device_of_each_process() -> list:
+    first = {}
+    for device in jax.devices():
+        first.setdefault(device.process_index, device)
+    return [first[process] for process in sorted(first)]
+
+
+def first_replica(x: jax.Array) -> jax.Array:
+    """Device 0's copy of a pmap output, without a transfer; across hosts the output is a global
+    array whose other rows live on other processes, so it is read from this process's first shard."""
+    return x.addressable_shards[0].data[0]
+
+
+def local_value(x: Any) -> np.ndarray:
+    """A replicated array's value, read from this process's first shard (works across hosts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_shards[0].data)
+    return np.asarray(x)
+
