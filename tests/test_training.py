@@ -1,5 +1,6 @@
 """The train step under pmap, sharded jit and one device; training parity with the PyTorch reference."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax import reference as ref
 from unet_flax.config import TrainConfig
 from unet_flax.model import init_params
-from unet_flax.parallel import Parallel, data_mesh, jit_driver, local_value
+from unet_flax.parallel import Parallel, data_mesh, fsdp_spec, jit_driver, local_value
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
 from unet_flax.train_step import (NOT_READ_BY_THE_STEP, _make_train_step, create_train_state, learning_rate,
                                   make_optimizer, make_train_step)
@@ -36,22 +37,31 @@ def host(tree):
     return jax.tree_util.tree_map(lambda x: np.asarray(local_value(x)), tree)
 
 
+DRIVERS = {"pmap": ("pmap", None), "jit": ("jit", None), "fsdp": ("fsdp", None),
+           "fsdp data=2,fsdp=2": ("fsdp", "data=2,fsdp=2")}
+
+
 @pytest.fixture(scope="module")
 def runs():
-    """The same 5 steps under each driver, from the same initial state."""
+    """The same 5 steps under each driver, from the same initial state; under FSDP, how many of the
+    parameters and of the optimiser's arrays were split over the devices."""
     assert jax.device_count() == 4
-    step_fn = make_train_step(CONFIG)
     init = host(create_train_state(CONFIG, jax.random.PRNGKey(0)))
     rng = jax.random.PRNGKey(1)
-    results = {}
-    for kind in ("pmap", "jit"):
-        parallel = Parallel(kind, step_fn, CONFIG.batch_size)
+    results, split = {}, {}
+    for name, (kind, mesh) in DRIVERS.items():
+        parallel = Parallel(kind, functools.partial(make_train_step, CONFIG), CONFIG.batch_size, mesh)
         state = parallel.put_state(init)
         for batch in batches(5):
             state, metrics = parallel.step(state, parallel.put_batch(batch), rng)
-        results[kind] = (host(parallel.canonical_state(state)), host(metrics))
+        per_device = 1 if kind == "pmap" else 0  # pmap's leading axis: one whole copy per device
+        split[name] = {tree: sum(leaf.addressable_shards[0].data.shape[per_device:] != leaf.shape[per_device:]
+                                 for leaf in jax.tree_util.tree_leaves(getattr(state, tree)))
+                       for tree in ("params", "ema_params", "opt_state")}
+        results[name] = (host(parallel.host_state(state)), host(metrics))
+    results["split"] = split
     one = data_mesh(jax.devices()[:1])
-    single = jit_driver(step_fn, one)
+    single = jit_driver(make_train_step(CONFIG), one)
     state = jax.device_put(init, NamedSharding(one, P()))
     for batch in batches(5):
         state, metrics = single(state, batch, rng)
@@ -59,7 +69,7 @@ def runs():
     return results
 
 
-@pytest.mark.parametrize("kind", ["pmap", "jit"])
+@pytest.mark.parametrize("kind", DRIVERS)
 def test_drivers_reach_the_one_device_parameters(runs, kind):
     state, metrics = runs[kind]
     reference_state, reference_metrics = runs["one device"]
@@ -77,6 +87,25 @@ def test_drivers_reach_the_one_device_parameters(runs, kind):
     assert rel_error(*outputs) <= 1e-5
 
 
+def test_fsdp_splits_parameters_moments_and_ema_and_data_parallel_does_not(runs):
+    """FSDP holds a share of each large array per device (fsdp_spec); pmap and jit hold every array whole."""
+    params = len(jax.tree_util.tree_leaves(runs["pmap"][0].params))
+    for name in ("fsdp", "fsdp data=2,fsdp=2"):
+        split = runs["split"][name]
+        assert 0 < split["params"] < params and split["ema_params"] == split["params"], split
+        assert split["opt_state"] >= 2 * split["params"], split  # both AdamW moments
+    assert runs["split"]["pmap"] == runs["split"]["jit"] == {"params": 0, "ema_params": 0, "opt_state": 0}
+
+
+def test_the_fsdp_rule_splits_the_largest_divisible_axis():
+    assert fsdp_spec((3, 3, 64, 128), 4) == P(None, None, None, "fsdp")
+    assert fsdp_spec((3, 3, 64, 6), 4) == P(None, None, "fsdp", None)  # 6 does not divide by 4
+    assert fsdp_spec((256, 256), 8) == P("fsdp", None)  # the first of equals
+    assert fsdp_spec((512,), 4) == P()  # small: whole on every device
+    assert fsdp_spec((3, 3, 33, 35), 4) == P()  # no axis divides
+    assert fsdp_spec((3, 3, 64, 128), 1) == P()
+
+
 def test_training_moved_the_parameters(runs):
     init = create_train_state(CONFIG, jax.random.PRNGKey(0))
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), runs["jit"][0].params, host(init.params))
@@ -87,7 +116,7 @@ def test_training_moved_the_parameters(runs):
 UNREAD_CHANGED = {"workdir": "elsewhere", "data": "images.npz", "class_conditional": False, "hflip": True,
                   "data_workers": 3, "skip_bad_images": True, "batch_size": 16, "skip_nonfinite": True,
                   "sample_every": 7, "num_samples": 5, "sampling_steps": 9, "guidance_scale": 1.0,
-                  "parallel": "jit", "seed": 11, "save_every": 13, "keep_checkpoints": 1, "log_every": 3,
+                  "parallel": "fsdp", "mesh": "data=2,fsdp=2", "seed": 11, "save_every": 13, "keep_checkpoints": 1, "log_every": 3,
                   "resume": False, "distributed": True, "coordinator_address": "localhost:1", "num_processes": 2,
                   "process_id": 1, "steps": 50}
 
@@ -115,12 +144,11 @@ def test_configs_that_differ_only_in_what_the_step_does_not_read_share_one_step(
 
 def test_global_batch_not_divisible_by_devices():
     with pytest.raises(ValueError, match=r"batch size 6 is not divisible by the 4 devices; use a multiple of 4"):
-        Parallel("jit", make_train_step(CONFIG), 6)
+        Parallel("jit", functools.partial(make_train_step, CONFIG), 6)
 
 
 def test_nonfinite_step_leaves_the_state_unchanged():
-    step_fn = make_train_step(CONFIG)
-    parallel = Parallel("jit", step_fn, 8)
+    parallel = Parallel("jit", functools.partial(make_train_step, CONFIG), 8)
     state = parallel.put_state(host(create_train_state(CONFIG, jax.random.PRNGKey(0))))
     before = host(state.params)
     batch = batches(1)[0]
@@ -153,7 +181,7 @@ def test_remat_changes_neither_parameters_nor_training():
     results = []
     for remat in (False, True):
         config = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, remat=remat, dropout=0.3))
-        parallel = Parallel("jit", make_train_step(config), config.batch_size)
+        parallel = Parallel("jit", functools.partial(make_train_step, config), config.batch_size)
         init = host(create_train_state(config, jax.random.PRNGKey(0)))
         state = parallel.put_state(init)
         losses = []

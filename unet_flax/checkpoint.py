@@ -14,7 +14,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -344,11 +344,13 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def abstract_checkpoint(config: TrainConfig, sharding: jax.sharding.Sharding) -> dict:
-    """The shape of what train.py saves ({'train_state', 'rng'}), placed by `sharding`, to restore into."""
+def abstract_checkpoint(config: TrainConfig, sharding_of: Callable[[jax.ShapeDtypeStruct], jax.sharding.Sharding]
+                        ) -> dict:
+    """The shape of what train.py saves ({'train_state', 'rng'}), each leaf placed by `sharding_of(leaf)`, to
+    restore into: a checkpoint restores into any layout, whichever wrote it."""
     abstract = jax.eval_shape(lambda: {"train_state": create_train_state(config, jax.random.PRNGKey(0)),
                                        "rng": jax.random.PRNGKey(0)})
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_of(a)), abstract)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -203,7 +204,7 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: Par
     if not config.resume:
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
                             f"--no-resume was given: use another --workdir (nothing was changed)")
-    step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.replicated))
+    step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.sharding_of))
     if step == 0:  # imported weights, no step taken: this run's seed and data, from their start
         return step, {"train_state": saved["train_state"], "rng": step_rng}, None
     return step, saved, data_state
@@ -240,7 +241,8 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
     config = fit_to_data(config, data.channels, data.num_classes, data.source)
     workdir = prepare_workdir(config)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    parallel = Parallel(config.parallel, make_train_step(config), config.batch_size)
+    parallel = Parallel(config.parallel, functools.partial(make_train_step, config), config.batch_size,
+                        config.mesh)
 
     resumed_from, saved, data_state = restore_or_init(checkpoints, config, parallel)
     summary = {"step": resumed_from or 0, "loss": None, "workdir": str(workdir), "resumed_from": resumed_from}
@@ -258,8 +260,9 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
 
     state, summary["step"], stopped, last_logged = train_steps(config, workdir, checkpoints, parallel, feed, state,
                                                                rng, resumed_from or 0)
+    ema_params = parallel.host_state(state.ema_params)  # every process: FSDP gathers
     if jax.process_index() == 0:
-        summary.update(finish(config, workdir, parallel.host_state(state.ema_params), stopped))
+        summary.update(finish(config, workdir, ema_params, stopped))
     summary["loss"] = last_logged.get("loss")
     summary["img_per_s"] = round(last_logged["img_per_s"], 1) if "img_per_s" in last_logged else None
     summary["wall_s"] = round(time.time() - start, 2)
@@ -300,8 +303,10 @@ def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, pa
                 progress.update(steps_in_interval)
             if saving:
                 save(step)
-            if config.sample_every and step % config.sample_every == 0 and step != config.steps and is_main:
-                sample_grid(config, parallel.host_state(state.ema_params), workdir / f"samples_{step:07d}.png")
+            if config.sample_every and step % config.sample_every == 0 and step != config.steps:
+                ema_params = parallel.host_state(state.ema_params)  # every process: FSDP gathers
+                if is_main:
+                    sample_grid(config, ema_params, workdir / f"samples_{step:07d}.png")
             if stopping:
                 print(f"SIGTERM: saved step {step}, stopping", file=sys.stderr)
                 break

@@ -93,24 +93,25 @@ NOT_READ_BY_THE_STEP = frozenset({
     "workdir", "data", "class_conditional", "hflip", "data_workers", "skip_bad_images", "batch_size",
     "skip_nonfinite", "sample_every", "num_samples", "sampling_steps", "guidance_scale", "parallel", "seed",
     "save_every", "keep_checkpoints", "log_every", "resume", "distributed", "coordinator_address",
-    "num_processes", "process_id"})
+    "num_processes", "process_id", "mesh"})
 _TRAIN_STEPS: dict[tuple, StepFn] = {}  # the newest few, oldest first
 
 
-def make_train_step(config: TrainConfig) -> StepFn:
-    """The pure per-device train step for this config (one function for configs that differ only in
-    NOT_READ_BY_THE_STEP); see the module docstring."""
+def make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS) -> StepFn:
+    """The pure train step for this config (one function for configs that differ only in
+    NOT_READ_BY_THE_STEP). With `axis_name`, it sees one device's share of the batch and averages over
+    that axis (pmap, shard_map); with None, the whole batch, however jit's shardings split it."""
     unread = NOT_READ_BY_THE_STEP | ({"steps"} if config.lr_schedule == "constant" else set())
-    key = tuple((field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
-                if field.name not in unread)
+    key = (axis_name, *((field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
+                        if field.name not in unread))
     if key not in _TRAIN_STEPS:
         if len(_TRAIN_STEPS) >= STEP_FUNCTIONS_KEPT:
             del _TRAIN_STEPS[next(iter(_TRAIN_STEPS))]
-        _TRAIN_STEPS[key] = _make_train_step(config)
+        _TRAIN_STEPS[key] = _make_train_step(config, axis_name)
     return _TRAIN_STEPS[key]
 
 
-def _make_train_step(config: TrainConfig) -> StepFn:
+def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS) -> StepFn:
     model = UNet(config.model)
     tx = make_optimizer(config)
     schedule = diffusion.make_schedule(config.noise_schedule, config.timesteps)
@@ -121,11 +122,12 @@ def _make_train_step(config: TrainConfig) -> StepFn:
         images = batch["image"]
         if images.dtype == jnp.uint8:  # batches leave the host as uint8 and are scaled here, on the device
             images = diffusion.from_uint8(images)
-        example_ids = jax.lax.axis_index(DATA_AXIS) * images.shape[0] + jnp.arange(images.shape[0])
+        share = 0 if axis_name is None else jax.lax.axis_index(axis_name)  # which share of the batch
+        example_ids = share * images.shape[0] + jnp.arange(images.shape[0])
         t, noise, dropped, dropout_key = step_randomness(config, rng, state.step, example_ids, images.shape[1:])
         # Classifier-free guidance: train a share of the examples with the null label.
         labels = None if num_classes is None else jnp.where(dropped, num_classes, batch["label"])
-        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(DATA_AXIS))
+        dropout_key = jax.random.fold_in(dropout_key, share)
 
         def loss_fn(params):
             def denoise(x_t, t):
@@ -134,7 +136,8 @@ def _make_train_step(config: TrainConfig) -> StepFn:
                                             config.min_snr_gamma)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        loss, grads = jax.lax.pmean((loss, grads), DATA_AXIS)
+        if axis_name is not None:
+            loss, grads = jax.lax.pmean((loss, grads), axis_name)
         grads = jax.lax.platform_dependent(grads, cuda=in_parameter_layout, default=lambda grads: grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -14,7 +14,8 @@ from .fields import FREE, PER_PROCESS, check_choices, check_range, fields_resume
 from .unet_config import UNetConfig, compute_dtype
 
 LR_SCHEDULES = ("constant", "cosine")
-PARALLEL = ("pmap", "jit")
+PARALLEL = ("pmap", "jit", "fsdp")
+MESH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,10 @@ class TrainConfig:
     sampling_steps: int = setting(50, resume=FREE)
     guidance_scale: float = setting(2.0, resume=FREE)
     # running
+    # pmap, jit: data-parallel, every device holding the whole state; fsdp: jit over a 2-D mesh (data, fsdp),
+    # parameters, their AdamW moments and the EMA split over fsdp
     parallel: str = setting("pmap", resume=FREE, choices=PARALLEL)
+    mesh: str | None = setting(None, resume=FREE)  # fsdp's: 'data=N,fsdp=M' (a size may be left out); None: all fsdp
     seed: int = 0
     save_every: int = setting(500, resume=FREE)
     keep_checkpoints: int = setting(3, resume=FREE)
@@ -93,6 +97,11 @@ class TrainConfig:
             self.model.require_null_label("label_dropout", self.label_dropout, 0.0)
             self.model.require_null_label("guidance_scale", self.guidance_scale, 1.0)
         check_sampling_steps(self.sampling_steps, self.timesteps)
+        if self.mesh is not None:
+            mesh_sizes(self.mesh)
+            if self.parallel != "fsdp":
+                raise ConfigError(f"mesh {self.mesh} is fsdp's: pass --parallel fsdp (or leave --parallel out), "
+                                  f"got parallel {self.parallel!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,6 +128,18 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+def mesh_sizes(text: str) -> dict[str, int]:
+    """`--mesh` as axis sizes: 'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}; ConfigError naming the text."""
+    sizes = {}
+    for part in text.split(","):
+        name, _, size = (piece.strip() for piece in part.partition("="))
+        if name not in MESH_AXES or name in sizes or not size.isdigit() or int(size) < 1:
+            raise ConfigError(f"mesh must be like data=2,fsdp=4 (axes {' and '.join(MESH_AXES)}, each once, sizes "
+                              f"positive integers), got {text!r}")
+        sizes[name] = int(size)
+    return sizes
+
+
 def resolve_config(overrides: dict[str, Any], preset: str | None = None, saved: dict[str, Any] | None = None,
                    backend: str = "cpu") -> TrainConfig:
     """The config a command line asks for: the defaults (`preset`'s; without one the `saved` config of
@@ -132,6 +153,8 @@ def resolve_config(overrides: dict[str, Any], preset: str | None = None, saved: 
     else:
         base = PRESETS[preset or "digits"]
     overrides = dict(overrides)
+    if overrides.get("mesh") is not None:
+        overrides.setdefault("parallel", "fsdp")  # a mesh names fsdp's axes
     overrides.setdefault("dtype", compute_dtype(backend))
     model_names = {f.name for f in dataclasses.fields(UNetConfig)}
     train_names = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
