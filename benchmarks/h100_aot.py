@@ -94,15 +94,20 @@ def abstract(tree, sharding):
     return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
-def lower_train_step(config: TrainConfig, device: jax.Device) -> jax.stages.Lowered:
-    """The jitted train step (train.py's sharded-jit driver on one device) on a uint8 batch, as train.py feeds it."""
-    mesh = Mesh([device], (DATA_AXIS,))
+def step_arguments(config: TrainConfig) -> tuple:
+    """The shapes of the train step's arguments: the state, a uint8 batch as train.py feeds it, the key."""
     state = jax.eval_shape(lambda key: create_train_state(config, key), jax.random.key(0))
     m = config.model
     batch = {"image": jax.ShapeDtypeStruct((config.batch_size, m.image_size, m.image_size, m.in_channels), jnp.uint8)}
     if m.num_classes is not None:
         batch["label"] = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
-    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return state, batch, jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
+def lower_train_step(config: TrainConfig, device: jax.Device) -> jax.stages.Lowered:
+    """The jitted train step (train.py's sharded-jit driver on one device) on a uint8 batch, as train.py feeds it."""
+    mesh = Mesh([device], (DATA_AXIS,))
+    state, batch, rng = step_arguments(config)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
     step = jit_driver(make_train_step(config), mesh)
     return step.lower(abstract(state, replicated), abstract(batch, sharded), abstract(rng, replicated))

@@ -58,6 +58,11 @@ CASES = [
     (T, ["--frobnicate"], 2, "unrecognized arguments: --frobnicate"),
     (T, ["--preset", "imagenet"], 2, "invalid choice: 'imagenet'"),
     (T, ["--parallel", "vmap"], 2, "argument --parallel: invalid choice: 'vmap'"),
+    (T, ["--mesh", "data=2,model=2"], 2, "mesh must be like data=2,fsdp=4 (axes data and fsdp, each once, sizes "
+                                         "positive integers), got 'data=2,model=2'"),
+    (T, ["--mesh", "data=3"], 2, "mesh data=3 has 3 x 1 = 3 devices; there are 4"),
+    (T, ["--mesh", "fsdp=2", "--parallel", "pmap"], 2, "mesh fsdp=2 is fsdp's: pass --parallel fsdp (or leave "
+                                                        "--parallel out), got parallel 'pmap'"),
     (T, ["--lr", "fast"], 2, "argument --lr: invalid value 'fast'"),
     (T, ["--batch-size", "6"], 2, "batch size 6 is not divisible by the 4 devices"),
     (T, ["--image-size", "7"], 2, "image_size 7 is not divisible by 2**(levels-1) = 2"),

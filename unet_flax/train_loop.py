@@ -239,10 +239,10 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
     # Set-up: the data, the config it completes, the devices, the workdir.
     data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)
     config = fit_to_data(config, data.channels, data.num_classes, data.source)
+    parallel = Parallel(config.parallel, functools.partial(make_train_step, config), config.batch_size,
+                        config.mesh)  # before the workdir: a mesh or batch the devices cannot take is refused first
     workdir = prepare_workdir(config)
     checkpoints = Checkpoints(workdir, config.keep_checkpoints)
-    parallel = Parallel(config.parallel, functools.partial(make_train_step, config), config.batch_size,
-                        config.mesh)
 
     resumed_from, saved, data_state = restore_or_init(checkpoints, config, parallel)
     summary = {"step": resumed_from or 0, "loss": None, "workdir": str(workdir), "resumed_from": resumed_from}

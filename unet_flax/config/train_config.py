@@ -125,6 +125,16 @@ PRESETS: dict[str, TrainConfig] = {
                          attention_resolutions=(16,), image_size=32, num_heads=8, num_groups=32, dropout=0.1),
         workdir="runs/cifar10", hflip=True, steps=800_000, batch_size=128, lr=2e-4, warmup_steps=5000,
         grad_clip=1.0, ema_decay=0.9999, save_every=5000, sample_every=20_000, num_samples=64),
+    # ADM's 256x256 U-Net (Dhariwal & Nichol 2021): 501M parameters here (its resampling blocks are
+    # convolutions, not residual blocks), larger than one device holds with AdamW and EMA: FSDP over every
+    # device, each block recomputed in the backward pass.
+    "adm256": TrainConfig(
+        model=UNetConfig(in_channels=3, base_channels=256, channel_mults=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+                         attention_resolutions=(32, 16, 8), image_size=256, head_dim=64, num_groups=32,
+                         dropout=0.1, remat=True),
+        workdir="runs/adm256", hflip=True, steps=1_980_000, batch_size=256, lr=1e-4, warmup_steps=0,
+        grad_clip=1.0, ema_decay=0.9999, save_every=10_000, sample_every=100_000, num_samples=16,
+        parallel="fsdp"),
 }
 
 
