@@ -73,7 +73,7 @@ def pytest_configure(config):
 # The test files by how long they take (1 to 6 minutes of a core each for the first ones, on 2 cores
 # without AVX-512), longest first: pytest-xdist hands out files in this order, and the workers then
 # finish at about the same time instead of one running the last long file alone.
-LONGEST_FIRST = ("test_multiprocess.py", "test_diffusers.py", "test_train_cli.py", "test_sigkill.py",
+LONGEST_FIRST = ("test_multiprocess.py", "test_diffusers.py", "test_train_cli.py", "test_sigkill.py", "test_fsdp.py",
                  "test_training.py", "test_reliability.py", "test_unet_parity.py", "test_bad_inputs.py",
                  "test_bench.py", "test_nnx.py", "test_blocks_parity.py", "test_evaluation.py")
 

@@ -157,7 +157,7 @@ class Parallel:
         sharding = self.sharding_of(value)
         if isinstance(value, jax.Array) and value.sharding == sharding:  # restored into place
             return value
-        return _place(local_value(value), sharding)
+        return _place(gathered(value) if isinstance(value, jax.Array) else np.asarray(value), sharding)
 
     def host_state(self, state: Any) -> Any:
         """The driver's layout -> numpy, one copy (read from this process's first device; FSDP's shards
