@@ -60,7 +60,7 @@ def test_a_saved_config_is_the_base_but_not_its_per_process_fields():
 def test_bad_overrides_name_the_field():
     with pytest.raises(ConfigError, match="unknown config fields: frobnicate"):
         resolve_config({"frobnicate": 1})
-    with pytest.raises(ConfigError, match=r"parallel must be one of \('pmap', 'jit'\), got 'vmap'"):
+    with pytest.raises(ConfigError, match=r"parallel must be one of \('pmap', 'jit', 'fsdp'\), got 'vmap'"):
         resolve_config({"parallel": "vmap"})
 
 
