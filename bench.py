@@ -47,9 +47,10 @@ import torch.nn.functional as F
 
 from unet_flax import reference
 from unet_flax.cli import add_config_flags, add_debug_flag, given_fields, run_command
-from unet_flax.config import PRESETS, TrainConfig, UNetConfig
+from unet_flax.config import PRESETS, SamplerConfig, TrainConfig, UNetConfig
 from unet_flax.errors import UsageError
 from unet_flax.parallel import DATA_AXIS, data_mesh, jit_driver
+from unet_flax.samplers import make_plan
 from unet_flax.sampling import generate
 from unet_flax.torch_format import flax_to_torch
 from unet_flax.train_step import create_train_state, ema_decay, learning_rate, make_train_step
@@ -294,10 +295,11 @@ def sampling_throughput(config: TrainConfig, flax_params, torch_model, devices: 
     sharding = (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
                 if len(devices) > 1 else None)
 
+    plan = make_plan(SamplerConfig("ddim"), num_steps, config.noise_schedule, config.timesteps, config.prediction)
+
     def jax_run():
-        generate(params, jax.random.PRNGKey(0), labels, model_config=m, shape=shape, num_steps=num_steps,
-                 schedule_name=config.noise_schedule, timesteps=config.timesteps,
-                 prediction=config.prediction, batch_sharding=sharding).block_until_ready()
+        generate(params, jax.random.PRNGKey(0), labels, plan, model_config=m, shape=shape,
+                 batch_sharding=sharding).block_until_ready()
 
     abar = reference.alphas_cumprod(config.noise_schedule, config.timesteps).to(torch_device)
     x_T = torch.randn(images, m.in_channels, m.image_size, m.image_size,

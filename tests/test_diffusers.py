@@ -14,7 +14,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from unet_flax import UNet, UNetConfig, diffusion
+from unet_flax import UNet, UNetConfig, diffusion, samplers
+from unet_flax.config import SamplerConfig
 from unet_flax.checkpoint import load_params
 from unet_flax.diffusers_format import (from_diffusers, to_diffusers, LEGACY_ATTENTION_NAMES, NULL_LABEL_KEY, params_from_diffusers,
                                         params_to_diffusers, unet_config_from_diffusers)
@@ -440,7 +441,7 @@ def test_unknown_timestep_spacing():
 def test_ddim_matches_diffusers_scheduler(spacing, num_steps, tmp_root, record_error):
     """From the same x_T with the same network (an imported U-Net, its outputs handed to torch):
     diffusers' loop of DDIMScheduler.step (clip_sample, set_alpha_to_one, the clipped model output,
-    the same float32 alphas_cumprod) against diffusion.sample. The network is shared so that the
+    the same float32 alphas_cumprod) against the DDIM sampler. The network is shared so that the
     samplers alone are compared: with each framework's own network, 7 steps of this random one turn
     diffusers' float32 rounding alone into 8e-5 (against its float64 run)."""
     _, _, config, params, _ = saved_model("ddpm-256-layout", tmp_root)
@@ -457,8 +458,8 @@ def test_ddim_matches_diffusers_scheduler(spacing, num_steps, tmp_root, record_e
         output = torch.from_numpy(to_nchw(denoise(to_nhwc(x), np.full(2, int(t)))).copy())
         x = scheduler.step(output, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
 
-    ours = jax.jit(lambda x: diffusion.sample(denoise, schedule, x, jax.random.key(0), num_steps, 0.0, "epsilon",
-                                              spacing))(to_nhwc(x_T))
+    plan = samplers.make_plan(SamplerConfig("ddim", timestep_spacing=spacing), num_steps, "linear", 1000, "epsilon")
+    ours = jax.jit(lambda x: samplers.run(denoise, plan, x))(to_nhwc(x_T))
     error = rel_error(to_nchw(ours), x.numpy())
     record_error(f"DDIM {spacing} vs DDIMScheduler", "samples", error)
     assert error <= 1e-4

@@ -16,7 +16,7 @@ from commands import (ROOT, TINY, assert_bit_identical, import_command, params_a
                       run_sample, run_train, snapshot, summary)
 from parity import rel_error, without_key_biases
 from unet_flax import train_loop
-from unet_flax.config import PRESETS, SamplingConfig
+from unet_flax.config import PRESETS, SamplerConfig, SamplingConfig
 from unet_flax.errors import ConfigError
 from unet_flax.sampling import class_labels
 
@@ -161,7 +161,7 @@ def test_sample_is_reproducible_and_writes_npz(uninterrupted, tmp_path):
 def test_ddpm_sampler_runs_every_training_step(uninterrupted, tmp_path):
     result = json.loads(run_sample(uninterrupted[0], "--sampler", "ddpm", "--num-samples", "2", "--out",
                                    str(tmp_path / "d.png")).stdout.splitlines()[-1])
-    assert result["sampling_steps"] == 1000 and result["eta"] == 1.0
+    assert result["sampler"] == "ddpm" and result["sampling_steps"] == 1000 and result["model_evaluations"] == 1000
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -205,7 +205,7 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
     DDIM from the same noise gives the same samples (1e-4); import it back: sample.py and train.py accept it."""
     import torch
 
-    from unet_flax import UNet, diffusion, reference
+    from unet_flax import UNet, reference, samplers
     from unet_flax.checkpoint import load_params
     from unet_flax.config import TrainConfig
 
@@ -228,9 +228,9 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
 
         labels = np.array([1, 2, 3, 4])
         from unet_flax.sampling import guided_denoiser
-        schedule = diffusion.make_schedule(config.noise_schedule, config.timesteps)
         denoise = guided_denoiser(UNet(config.model), params, labels, 2.0)
-        flax_samples = diffusion.sample(denoise, schedule, x, jax.random.PRNGKey(0), 20)
+        plan = samplers.make_plan(SamplerConfig("ddim"), 20, config.noise_schedule, config.timesteps, config.prediction)
+        flax_samples = samplers.run(denoise, plan, x)
         torch_samples = reference.ddim_sample(torch_model, reference.alphas_cumprod(config.noise_schedule, config.timesteps),
                                               torch.from_numpy(x.transpose(0, 3, 1, 2)), 20,
                                               torch.from_numpy(labels), guidance_scale=2.0)

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax import reference as ref
-from unet_flax.config import TrainConfig
+from unet_flax.config import SamplerConfig, TrainConfig
 from unet_flax.model import init_params
 from unet_flax.parallel import Parallel, data_mesh, fsdp_spec, jit_driver, local_value
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
@@ -115,6 +115,7 @@ def test_training_moved_the_parameters(runs):
 UNREAD_CHANGED = {"workdir": "elsewhere", "data": "images.npz", "class_conditional": False, "hflip": True,
                   "data_workers": 3, "skip_bad_images": True, "batch_size": 16, "skip_nonfinite": True,
                   "sample_every": 7, "num_samples": 5, "sampling_steps": 9, "guidance_scale": 1.0,
+                  "sampler": SamplerConfig("unipc", solver_order=3),
                   "parallel": "fsdp", "mesh": "data=2,fsdp=2", "seed": 11, "save_every": 13, "keep_checkpoints": 1, "log_every": 3,
                   "resume": False, "distributed": True, "coordinator_address": "localhost:1", "num_processes": 2,
                   "process_id": 1, "steps": 50}

@@ -12,7 +12,7 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
-from .config import PRESETS, SamplingConfig
+from .config import PRESETS, SamplerConfig, SamplingConfig
 from .config.fields import choices_of, is_flag
 from .errors import ConfigError, UsageError
 from .runtime import use_xla_cpu_convolutions
@@ -104,18 +104,29 @@ def build_train_parser(description: str) -> argparse.ArgumentParser:
 
 
 def build_sampling_parser(description: str, defaults: SamplingConfig) -> argparse.ArgumentParser:
-    """sample.py's and evaluate.py's flags: --workdir, --debug and each SamplingConfig field (defaults shown:
-    `defaults`)."""
+    """sample.py's and evaluate.py's flags: --workdir, --debug, each SamplingConfig field (defaults shown:
+    `defaults`) and each SamplerConfig field (shown: DDIM's; without any, the run's sampler)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--workdir", default=PRESETS["digits"].workdir, help="the training run's workdir")
     add_debug_flag(parser)
     add_config_flags(parser.add_argument_group("sampling"), defaults)
+    add_config_flags(parser.add_argument_group("sampler (without these flags: the run's own, see TrainConfig.sampler)"),
+                     SamplerConfig())
     return parser
 
 
-def sampling_config(args: argparse.Namespace, defaults: SamplingConfig) -> SamplingConfig:
-    """`defaults` with the SamplingConfig fields the command line gave."""
-    return dataclasses.replace(defaults, **given_fields(args, SamplingConfig))
+def sampling_config(args: argparse.Namespace, defaults: SamplingConfig, run_sampler: SamplerConfig) -> SamplingConfig:
+    """`defaults` with the SamplingConfig fields the command line gave, and its sampler: the run's
+    (`run_sampler`) with the sampler flags given, or, where --sampler names another, that one's
+    defaults with them."""
+    sampler_flags = given_fields(args, SamplerConfig)
+    sampler = defaults.sampler
+    if sampler_flags:
+        name = sampler_flags.get("sampler", run_sampler.sampler)
+        base = run_sampler if name == run_sampler.sampler else SamplerConfig(name)
+        sampler = dataclasses.replace(base, **sampler_flags)
+    sampling_flags = {name: value for name, value in given_fields(args, SamplingConfig).items() if name != "sampler"}
+    return dataclasses.replace(defaults, sampler=sampler, **sampling_flags)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""Diffusion math as pure functions of arrays: schedules, the forward process, the loss, sampling.
+"""Diffusion math as pure functions of arrays: schedules, the forward process, the loss, DDIM's timesteps
+(the samplers are in samplers.py).
 
 Randomness is always an argument (t, noise, keys), so a test can hand the PyTorch side the very
 same draws. Schedules are computed in float64 with numpy and stored as float32.
@@ -110,21 +111,6 @@ def diffusion_loss(denoise: Denoiser, schedule: Schedule, x0: Array, t: Array, n
     return jnp.mean(per_example * loss_weights(schedule, t, prediction, min_snr_gamma))
 
 
-def predict_x0_and_noise(schedule: Schedule, x_t: Array, t: Array, output: Array,
-                         prediction: str) -> tuple[Array, Array]:
-    abar = _gather(schedule.alphas_cumprod, t, x_t.ndim)
-    if prediction == "epsilon":
-        x0 = (x_t - jnp.sqrt(1 - abar) * output) / jnp.sqrt(abar)
-    elif prediction == "v":
-        x0 = jnp.sqrt(abar) * x_t - jnp.sqrt(1 - abar) * output
-    else:
-        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-    # Images live in [-1, 1]; clipping x0 and re-deriving the noise keeps early, noisy steps sane.
-    x0 = jnp.clip(x0, -1.0, 1.0)
-    noise = (x_t - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-    return x0, noise
-
-
 def sampling_timesteps(timesteps: int, num_steps: int, spacing: str = "linspace") -> tuple[np.ndarray, np.ndarray]:
     """The timesteps a sampler visits, from high to low, and the timestep each one steps to (-1: the
     clean image, abar = 1).
@@ -147,28 +133,3 @@ def sampling_timesteps(timesteps: int, num_steps: int, spacing: str = "linspace"
     steps = steps.astype(np.int32)
     return steps, np.maximum(steps - timesteps // num_steps, -1).astype(np.int32)
 
-
-def sample(denoise: Denoiser, schedule: Schedule, x_T: Array, key: Array, num_steps: int,
-           eta: float = 0.0, prediction: str = "epsilon", timestep_spacing: str = "linspace") -> Array:
-    """DDIM (Song et al. 2021) from x_T ~ N(0, I) over `num_steps` steps, in one lax.scan.
-
-    eta = 0 is deterministic DDIM; eta = 1 with num_steps = T is DDPM's ancestral sampler
-    (its per-step variance is then exactly the posterior variance beta~_t). `timestep_spacing`
-    chooses the timesteps (sampling_timesteps).
-    """
-    steps, previous = sampling_timesteps(schedule.timesteps, num_steps, timestep_spacing)
-    alphas_cumprod = jnp.append(schedule.alphas_cumprod, 1.0)  # index -1: abar = 1 after the last step
-
-    def step(x, inputs):
-        t, t_prev, step_key = inputs
-        batch_t = jnp.full(x.shape[:1], t)
-        x0, noise = predict_x0_and_noise(schedule, x, batch_t, denoise(x, batch_t), prediction)
-        abar, abar_prev = alphas_cumprod[t], alphas_cumprod[t_prev]
-        sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-        x_prev = (jnp.sqrt(abar_prev) * x0 + jnp.sqrt(jnp.maximum(1 - abar_prev - sigma**2, 0.0)) * noise
-                  + sigma * jax.random.normal(step_key, x.shape, x.dtype))
-        return x_prev, None
-
-    keys = jax.random.split(key, len(steps))
-    x0, _ = jax.lax.scan(step, x_T, (jnp.asarray(steps), jnp.asarray(previous), keys))
-    return x0

@@ -1,7 +1,8 @@
-"""Generating images from a trained UNet: classifier-free guidance around the diffusion sampler.
+"""Generating images from a trained UNet: classifier-free guidance around a sampler (samplers.py).
 
     samples = sample_from_checkpoint("runs/digits", SamplingConfig(labels=(3, 7), guidance_scale=3.0))
     samples.images  # uint8 NHWC
+    sample_from_checkpoint("runs/digits", SamplingConfig(sampler=SamplerConfig("dpm_solver"), sampling_steps=10))
 
 `sample(params, train_config, sampling_config)` does the same for weights in hand (train.py's grids).
 """
@@ -19,10 +20,11 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from . import diffusion
+from . import diffusion, samplers
 from .checkpoint import load_params
 from .model import UNet
-from .config import SamplingConfig, TrainConfig, UNetConfig
+from .config import SamplerConfig, SamplingConfig, TrainConfig, UNetConfig
+from .config.sampler_config import READ_BY
 from .config.unet_config import compute_dtype
 from .errors import ConfigError
 from .parallel import DATA_AXIS, data_mesh
@@ -53,21 +55,27 @@ def sample(params: Any, config: TrainConfig, sampling: SamplingConfig, progress:
     """`sampling.num_samples` images from `config`'s model with these weights. Batch i draws from
     fold_in(PRNGKey(seed), i * batch_size), so a seed gives the same images whatever the devices."""
     model = for_this_backend(config.model)
-    num_steps, eta = ((config.timesteps, 1.0) if sampling.sampler == "ddpm"
-                      else (sampling.sampling_steps, sampling.eta))
-    diffusion.check_sampling_steps(num_steps, config.timesteps)
+    sampler = sampling.sampler or config.sampler
+    plan = samplers.make_plan(sampler, sampling.sampling_steps, config.noise_schedule, config.timesteps,
+                              config.prediction)
     labels, columns = class_labels(sampling, model.num_classes)
     guidance = config.guidance_scale if sampling.guidance_scale is None else sampling.guidance_scale
     if labels is not None:
         model.require_null_label("guidance_scale", guidance, 1.0)
     config = dataclasses.replace(config, model=model)
-    images = _generate_in_batches(params, config, labels, num_steps=num_steps, eta=eta, guidance_scale=guidance,
-                                  sampling=sampling, progress=progress)
-    settings = {"num_samples": len(images), "sampler": sampling.sampler, "sampling_steps": num_steps, "eta": eta,
-                "timestep_spacing": sampling.timestep_spacing,
+    images = _generate_in_batches(params, config, labels, plan, guidance_scale=guidance, sampling=sampling,
+                                  progress=progress)
+    settings = {"num_samples": len(images), **_changed_settings(sampler), "model_evaluations": plan.evaluations,
+                "sampling_steps": config.timesteps if sampler.sampler == "ddpm" else sampling.sampling_steps,
                 "guidance_scale": guidance if labels is not None else None, "seed": sampling.seed,
                 "ema": sampling.ema}
     return Samples(images, labels, columns, config, settings)
+
+
+def _changed_settings(sampler: SamplerConfig) -> dict[str, Any]:
+    """The sampler's name and the settings it reads (SamplerConfig.READ_BY), as a report shows them."""
+    return {"sampler": sampler.sampler, **{name: getattr(sampler, name) for name, readers in READ_BY.items()
+                                           if sampler.sampler in readers}}
 
 
 def class_labels(sampling: SamplingConfig, num_classes: int | None) -> tuple[np.ndarray | None, int | None]:
@@ -114,14 +122,12 @@ def rows_per_class(num_classes: int, num_samples: int) -> tuple[np.ndarray, int]
     return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)[:num_samples], per_class
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "shape", "num_steps", "guidance_scale", "schedule_name",
-                                             "timesteps", "prediction", "timestep_spacing",
-                                             "batch_sharding"))
-def generate(params, key: jax.Array, labels: jax.Array | None, *, model_config: UNetConfig,
-             shape: tuple[int, ...], num_steps: int, eta: float = 0.0, guidance_scale: float = 1.0,
-             schedule_name: str = "linear", timesteps: int = 1000, prediction: str = "epsilon",
-             timestep_spacing: str = "linspace", batch_sharding: NamedSharding | None = None) -> jax.Array:
-    """Samples in [-1, 1], NHWC, from noise drawn with `key`: the same key gives the same images.
+@functools.partial(jax.jit, static_argnames=("model_config", "shape", "guidance_scale", "batch_sharding"))
+def generate(params, key: jax.Array, labels: jax.Array | None, plan: samplers.Plan, *, model_config: UNetConfig,
+             shape: tuple[int, ...], guidance_scale: float = 1.0,
+             batch_sharding: NamedSharding | None = None) -> jax.Array:
+    """Samples in [-1, 1], NHWC, from noise drawn with `key`, by the sampler `plan` (samplers.make_plan): the
+    same key gives the same images. Plans with as many model evaluations share the compiled program.
 
     With `batch_sharding` the batch is split over its devices (XLA partitions the whole loop)."""
     noise_key, step_key = jax.random.split(key)
@@ -129,11 +135,10 @@ def generate(params, key: jax.Array, labels: jax.Array | None, *, model_config: 
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
     denoise = guided_denoiser(UNet(model_config), params, labels, guidance_scale)
-    schedule = diffusion.make_schedule(schedule_name, timesteps)
-    return diffusion.sample(denoise, schedule, x_T, step_key, num_steps, eta, prediction, timestep_spacing)
+    return samplers.run(denoise, plan, x_T, step_key if plan.stochastic else None)
 
 
-def _generate_in_batches(params, config: TrainConfig, labels: np.ndarray | None, *, num_steps: int, eta: float,
+def _generate_in_batches(params, config: TrainConfig, labels: np.ndarray | None, plan: samplers.Plan, *,
                          guidance_scale: float, sampling: SamplingConfig, progress: bool) -> np.ndarray:
     m = config.model
     images, nonfinite = [], 0
@@ -148,12 +153,9 @@ def _generate_in_batches(params, config: TrainConfig, labels: np.ndarray | None,
         # Spread the batch over the devices where it divides evenly; the images do not change.
         sharding = NamedSharding(mesh, P(DATA_AXIS)) if devices > 1 and count % devices == 0 else None
         batch_labels = None if labels is None else jnp.asarray(labels[start:start + count])
-        out = generate(params, jax.random.fold_in(jax.random.PRNGKey(sampling.seed), start), batch_labels,
+        out = generate(params, jax.random.fold_in(jax.random.PRNGKey(sampling.seed), start), batch_labels, plan,
                        model_config=m, shape=(count, m.image_size, m.image_size, m.in_channels),
-                       num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
-                       schedule_name=config.noise_schedule, timesteps=config.timesteps,
-                       prediction=config.prediction, timestep_spacing=sampling.timestep_spacing,
-                       batch_sharding=sharding)
+                       guidance_scale=guidance_scale, batch_sharding=sharding)
         out = np.asarray(out)
         nonfinite += int((~np.isfinite(out)).reshape(count, -1).any(axis=1).sum())
         images.append(diffusion.to_uint8(out))

@@ -33,6 +33,7 @@ from .checkpoint import Checkpoints, abstract_checkpoint, checkpoint_directory, 
 from .config import SamplingConfig, TrainConfig, fit_to_data
 from .errors import DataError, TrainingError
 from .parallel import Batch, Parallel, local_value
+from .samplers import make_plan
 from .sampling import sample
 from .train_step import create_train_state, initial_keys, make_train_step
 from .visualize import save_grid, save_loss_curve
@@ -239,6 +240,8 @@ def _run(config: TrainConfig, start: float) -> dict[str, Any]:
     # Set-up: the data, the config it completes, the devices, the workdir.
     data = input_pipeline.load(config.data, config.model.image_size, config.skip_bad_images)
     config = fit_to_data(config, data.channels, data.num_classes, data.source)
+    # A sampler that cannot take the grids' steps is refused now, not after the training.
+    make_plan(config.sampler, config.sampling_steps, config.noise_schedule, config.timesteps, config.prediction)
     parallel = Parallel(config.parallel, functools.partial(make_train_step, config), config.batch_size,
                         config.mesh)  # before the workdir: a mesh or batch the devices cannot take is refused first
     workdir = prepare_workdir(config)

@@ -91,7 +91,7 @@ def train_state_from_params(config: TrainConfig, params: Any) -> TrainState:
 # the tests) skips seconds of tracing and compiling. A field missing here only costs a new trace.
 NOT_READ_BY_THE_STEP = frozenset({
     "workdir", "data", "class_conditional", "hflip", "data_workers", "skip_bad_images", "batch_size",
-    "skip_nonfinite", "sample_every", "num_samples", "sampling_steps", "guidance_scale", "parallel", "seed",
+    "skip_nonfinite", "sample_every", "num_samples", "sampling_steps", "guidance_scale", "sampler", "parallel", "seed",
     "save_every", "keep_checkpoints", "log_every", "resume", "distributed", "coordinator_address",
     "num_processes", "process_id", "mesh"})
 _TRAIN_STEPS: dict[tuple, StepFn] = {}  # the newest few, oldest first

@@ -11,6 +11,7 @@ from typing import Any
 from ..diffusion import PREDICTIONS, SCHEDULES, check_sampling_steps
 from ..errors import ConfigError
 from .fields import FREE, PER_PROCESS, check_choices, check_range, fields_resumed, setting
+from .sampler_config import SamplerConfig
 from .unet_config import UNetConfig, compute_dtype
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -58,6 +59,8 @@ class TrainConfig:
     num_samples: int = setting(100, resume=FREE)
     sampling_steps: int = setting(50, resume=FREE)
     guidance_scale: float = setting(2.0, resume=FREE)
+    # the run's sampler (its grids; sample.py's default): DDIM, or an imported pipeline's scheduler
+    sampler: SamplerConfig = setting(SamplerConfig(), resume=FREE, flag=False)
     # running
     # pmap, jit: data-parallel, every device holding the whole state; fsdp: jit over a 2-D mesh (data, fsdp),
     # parameters, their AdamW moments and the EMA split over fsdp
@@ -109,7 +112,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
         fields = dict(fields)
-        return cls(model=UNetConfig.from_dict(fields.pop("model")), **fields)
+        sampler = SamplerConfig.from_dict(fields.pop("sampler", {}))  # configs saved before it: DDIM
+        return cls(model=UNetConfig.from_dict(fields.pop("model")), sampler=sampler, **fields)
 
 
 PRESETS: dict[str, TrainConfig] = {

@@ -27,9 +27,9 @@ DEFAULTS = SamplingConfig(num_samples=1347, batch_size=250)
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    sampling = sampling_config(args, DEFAULTS)
+    config = load_config(args.workdir, getattr(args, "step", None))  # a model of other data is refused at once
+    sampling = sampling_config(args, DEFAULTS, config.sampler)
     evaluation.check_sample_count(sampling.num_samples)
-    config = load_config(args.workdir, sampling.step)  # before sampling: a model of other data is refused at once
     if config.data is not None or config.model.in_channels != 1:
         raise UsageError(f"evaluate.py measures models of the digits data; {args.workdir} was trained on "
                          f"{config.data!r}")

@@ -3,6 +3,7 @@
     python sample.py                                    # runs/digits, latest checkpoint, EMA weights
     python sample.py --labels 3,3,7 --guidance-scale 3  # class-conditional: these digits
     python sample.py --sampler ddpm --num-samples 64 --npz samples.npz
+    python sample.py --sampler dpm_solver --sampling-steps 10 --use-karras-sigmas
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unet_flax.checkpoint import load_config
 from unet_flax.cli import build_sampling_parser, run_command, sampling_config
 from unet_flax.config import SamplingConfig
 from unet_flax.sampling import sample_from_checkpoint
@@ -19,7 +21,8 @@ from unet_flax.visualize import save_grid
 
 
 def run(args: argparse.Namespace) -> dict:
-    samples = sample_from_checkpoint(args.workdir, sampling_config(args, SamplingConfig()), progress=True)
+    run_sampler = load_config(args.workdir, getattr(args, "step", None)).sampler
+    samples = sample_from_checkpoint(args.workdir, sampling_config(args, SamplingConfig(), run_sampler), progress=True)
     out_path = Path(args.out) if args.out else Path(args.workdir) / "samples_sample.png"
     save_grid(samples.images, out_path, samples.columns)
     result = {**samples.settings, "out": str(out_path)}
