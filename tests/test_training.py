@@ -279,10 +279,13 @@ def test_fifty_adam_steps_match_pytorch():
     assert rel_error(jax.jit(model.apply)({"params": params}, x, t, y), torch_out.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
 
-def test_sampling_spread_over_devices_gives_the_same_images(monkeypatch):
+@pytest.mark.parametrize("sampler", [SamplerConfig("ddim"), SamplerConfig("dpm_solver", algorithm_type="sde-dpmsolver++")],
+                         ids=["ddim", "sde-dpm-solver"])
+def test_sampling_spread_over_devices_gives_the_same_images(sampler, monkeypatch):
     from unet_flax import sampling
     params = create_train_state(CONFIG, jax.random.PRNGKey(0)).params
-    how = sampling.SamplingConfig(num_samples=8, labels=(0, 1, 2), sampling_steps=3, guidance_scale=1.5, batch_size=8)
+    how = sampling.SamplingConfig(num_samples=8, labels=(0, 1, 2), sampler=sampler, sampling_steps=3,
+                                  guidance_scale=1.5, batch_size=8)
     spread = sampling.sample(params, CONFIG, how)
     monkeypatch.setattr(sampling.jax, "local_device_count", lambda: 1)
     single = sampling.sample(params, CONFIG, how)

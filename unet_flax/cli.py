@@ -110,23 +110,29 @@ def build_sampling_parser(description: str, defaults: SamplingConfig) -> argpars
     parser.add_argument("--workdir", default=PRESETS["digits"].workdir, help="the training run's workdir")
     add_debug_flag(parser)
     add_config_flags(parser.add_argument_group("sampling"), defaults)
-    add_config_flags(parser.add_argument_group("sampler (without these flags: the run's own, see TrainConfig.sampler)"),
-                     SamplerConfig())
+    add_sampler_flags(parser)
     return parser
 
 
 def sampling_config(args: argparse.Namespace, defaults: SamplingConfig, run_sampler: SamplerConfig) -> SamplingConfig:
-    """`defaults` with the SamplingConfig fields the command line gave, and its sampler: the run's
-    (`run_sampler`) with the sampler flags given, or, where --sampler names another, that one's
-    defaults with them."""
-    sampler_flags = given_fields(args, SamplerConfig)
-    sampler = defaults.sampler
-    if sampler_flags:
-        name = sampler_flags.get("sampler", run_sampler.sampler)
-        base = run_sampler if name == run_sampler.sampler else SamplerConfig(name)
-        sampler = dataclasses.replace(base, **sampler_flags)
+    """`defaults` with the SamplingConfig fields the command line gave, and its sampler (sampler_from_flags)."""
     sampling_flags = {name: value for name, value in given_fields(args, SamplingConfig).items() if name != "sampler"}
-    return dataclasses.replace(defaults, sampler=sampler, **sampling_flags)
+    return dataclasses.replace(defaults, sampler=sampler_from_flags(args, run_sampler), **sampling_flags)
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """A flag for each SamplerConfig field (shown: DDIM's defaults)."""
+    add_config_flags(parser.add_argument_group("sampler (without these flags: the run's own, see TrainConfig.sampler)"),
+                     SamplerConfig())
+
+
+def sampler_from_flags(args: argparse.Namespace, run_sampler: SamplerConfig) -> SamplerConfig:
+    """The run's sampler (`run_sampler`) with the sampler flags given, or, where --sampler names another,
+    that one's defaults with them."""
+    flags = given_fields(args, SamplerConfig)
+    name = flags.get("sampler", run_sampler.sampler)
+    base = run_sampler if name == run_sampler.sampler else SamplerConfig(name)
+    return dataclasses.replace(base, **flags)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,9 @@
 A folder written by `UNet2DModel.save_pretrained` holds config.json and
 diffusion_pytorch_model.safetensors (older ones a .bin, big ones shards and an index, `variant`
 ones diffusion_pytorch_model.fp16.safetensors and the like). A pipeline's folder (model_index.json)
-holds the U-Net in unet/ and, in scheduler/scheduler_config.json, the noise schedule and the
-prediction it was trained with. The two networks are the same up to names and layout:
+holds the U-Net in unet/ and, in scheduler/scheduler_config.json, the noise schedule, the
+prediction it was trained with and the scheduler it samples with (read by diffusers_scheduler.py);
+`pipeline_to_diffusers` writes one (a DDPMPipeline). The two networks are the same up to names and layout:
 
   diffusers                                   unet_flax
   down_blocks.{l}.resnets.{j}                 down_blocks_{l * num_res_blocks + j}/resnet
@@ -30,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import UNetConfig
+from .config import SamplerConfig, UNetConfig
 from .config.unet_config import GROUP_NORM_EPSILON
-from .diffusion import DDPM_BETAS
+from .config.sampler_config import SCHEDULERS
+from .diffusers_scheduler import sampler_from_diffusers, schedule_from_diffusers
 from .errors import ConfigError, ConversionError
 from .weights import Params, float32_array, flatten, load_torch_state_dict, read_json, unwrap
 
@@ -365,43 +367,6 @@ def params_to_diffusers(config: UNetConfig, params: Mapping[str, Any]) -> dict[s
     return state_dict
 
 
-# -- scheduler ------------------------------------------------------------------------------------
-
-# diffusers' names -> unet_flax's: the schedules and predictions both have.
-BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
-PREDICTION_TYPES = {"epsilon": "epsilon", "v_prediction": "v"}
-
-
-def schedule_from_diffusers(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """A scheduler_config.json (DDPMScheduler, DDIMScheduler, ...) -> the training settings of the same
-    diffusion: {'noise_schedule', 'timesteps', 'prediction'}; refuses, naming the field and its value,
-    a schedule unet_flax computes differently."""
-    timesteps = fields.get("num_train_timesteps", 1000)
-    if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 1:
-        raise ConfigError(f"scheduler num_train_timesteps = {timesteps!r}: must be a positive integer")
-    for name in ("trained_betas", "rescale_betas_zero_snr"):
-        if fields.get(name):
-            raise ConfigError(f"scheduler {name} = {fields[name]!r} cannot be expressed: unet_flax computes "
-                              f"its betas from beta_schedule {tuple(BETA_SCHEDULES)}")
-    beta_schedule = fields.get("beta_schedule", "linear")
-    if beta_schedule not in BETA_SCHEDULES:
-        raise ConfigError(f"scheduler beta_schedule = {beta_schedule!r} cannot be expressed: unet_flax supports "
-                          f"{tuple(BETA_SCHEDULES)}")
-    if beta_schedule == "linear":
-        expected = tuple(beta * 1000 / timesteps for beta in DDPM_BETAS)
-        given = (fields.get("beta_start", DDPM_BETAS[0]), fields.get("beta_end", DDPM_BETAS[1]))
-        if not np.allclose(given, expected, rtol=1e-6, atol=0):
-            raise ConfigError(f"scheduler beta_start, beta_end = {given[0]}, {given[1]} with num_train_timesteps = "
-                              f"{timesteps} cannot be expressed: unet_flax's linear betas run from "
-                              f"{expected[0]:g} to {expected[1]:g} (DDPM's, scaled by 1000 / timesteps)")
-    prediction = fields.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ConfigError(f"scheduler prediction_type = {prediction!r} cannot be expressed: unet_flax supports "
-                          f"{tuple(PREDICTION_TYPES)}")
-    return {"noise_schedule": BETA_SCHEDULES[beta_schedule], "timesteps": timesteps,
-            "prediction": PREDICTION_TYPES[prediction]}
-
-
 # -- folders --------------------------------------------------------------------------------------
 
 def with_variant(name: str, variant: str | None) -> str:
@@ -472,24 +437,69 @@ def from_diffusers(folder: str | Path, variant: str | None = None) -> tuple[UNet
     return config, params_from_diffusers(config, read_state_dict(folder, variant), expected)
 
 
-def schedule_of(folder: str | Path) -> dict[str, Any] | None:
-    """The training settings a pipeline's scheduler gives (see schedule_from_diffusers); None for a
-    UNet2DModel folder that is not in a pipeline."""
+def scheduler_of(folder: str | Path) -> tuple[dict[str, Any], SamplerConfig] | None:
+    """The training settings a pipeline's scheduler gives (diffusers_scheduler.schedule_from_diffusers),
+    and the sampler equal to it; None for a UNet2DModel folder that is not in a pipeline."""
     _, scheduler = model_folders(Path(folder))
-    return None if scheduler is None else schedule_from_diffusers(read_json(scheduler, "scheduler config"))
+    if scheduler is None:
+        return None
+    fields = read_json(scheduler, "scheduler config")
+    return schedule_from_diffusers(fields), sampler_from_diffusers(fields)
 
 
 def to_diffusers(config: UNetConfig, params: Mapping[str, Any], folder: str | Path) -> Path:
     """Write `folder` (config.json, diffusion_pytorch_model.safetensors) for UNet2DModel.from_pretrained.
     Every check runs first; an existing non-empty folder is refused, nothing written."""
-    from safetensors.numpy import save_file
-
     folder = Path(folder)
     fields = unet_config_to_diffusers(config)
     state_dict = params_to_diffusers(config, params)
+    refuse_used_folder(folder)
+    _write_unet(folder, fields, state_dict)
+    return folder
+
+
+# The samplers DDPMPipeline runs as unet_flax does: it neither scales the model's input nor the initial
+# noise (the Euler schedulers need both), and passes step() a generator (UniPC's takes none).
+PIPELINE_SAMPLERS = ("ddpm", "ddim", "dpm_solver")
+
+
+def pipeline_to_diffusers(config: UNetConfig, params: Mapping[str, Any], scheduler: Mapping[str, Any],
+                          folder: str | Path) -> Path:
+    """Write a DDPMPipeline's `folder` (model_index.json, unet/, scheduler/) that
+    DiffusionPipeline.from_pretrained loads and runs: the U-Net and the scheduler config
+    (diffusers_scheduler.scheduler_to_diffusers). Refused, before anything is written, for class-
+    conditional models (DDPMPipeline passes no labels) and schedulers it would run otherwise."""
+    folder = Path(folder)
+    if config.num_classes is not None:
+        raise ConfigError("a class-conditional model cannot be a DDPMPipeline (it passes no class labels): export "
+                          "the U-Net alone (without --pipeline)")
+    class_name = scheduler["_class_name"]
+    sampler = next(name for name, scheduler_class in SCHEDULERS.items() if scheduler_class == class_name)
+    if sampler not in PIPELINE_SAMPLERS:
+        raise ConfigError(f"sampler {sampler} cannot be a DDPMPipeline's scheduler: DDPMPipeline runs "
+                          f"{class_name} otherwise than unet_flax (it neither scales the model input nor the initial "
+                          f"noise, and passes a generator); choose --sampler {', '.join(PIPELINE_SAMPLERS)}")
+    fields = unet_config_to_diffusers(config)
+    state_dict = params_to_diffusers(config, params)
+    refuse_used_folder(folder)
+    _write_unet(folder / "unet", fields, state_dict)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / SCHEDULER_CONFIG).write_text(
+        json.dumps({**scheduler, "_diffusers_version": DIFFUSERS_VERSION}, indent=2) + "\n")
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": DIFFUSERS_VERSION,
+             "scheduler": ["diffusers", class_name], "unet": ["diffusers", "UNet2DModel"]}
+    (folder / PIPELINE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def refuse_used_folder(folder: Path) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(f"{folder} exists and is not an empty folder; choose another --out (nothing was written)")
+
+
+def _write_unet(folder: Path, fields: dict[str, Any], state_dict: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, folder / SAFETENSORS_NAME, metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(fields, indent=2) + "\n")
-    return folder

@@ -106,10 +106,14 @@ def make_plan(sampler: SamplerConfig, num_steps: int, noise_schedule: str, times
     if sampler.sampler == "ddpm":
         num_steps = timesteps
     check_sampling_steps(num_steps, timesteps)
-    plan = PLANS[sampler.sampler](sampler, num_steps, alphas_cumprod, prediction, noise_schedule)
-    if np.any(np.diff(plan.model_t[::2 if sampler.sampler == "heun" else 1]) >= 0):
-        raise ConfigError(f"sampling_steps {num_steps} gives {sampler.sampler} with {sampler.timestep_spacing} spacing "
-                          f"repeated timesteps over the model's {timesteps}: use fewer steps")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plan = PLANS[sampler.sampler](sampler, num_steps, alphas_cumprod, prediction, noise_schedule)
+    rows = (plan.x_row, plan.saved_row, plan.from_x, plan.from_output, plan.noise_scale, plan.input_scale)
+    if not all(np.all(np.isfinite(row)) for row in rows):
+        # A multistep method divides by the log-SNR between steps: two steps at one noise level.
+        raise ConfigError(f"sampling_steps {num_steps} gives {sampler.sampler} ({sampler.timestep_spacing} spacing"
+                          f"{', Karras sigmas' if sampler.use_karras_sigmas else ''}) two steps at the same noise "
+                          f"level over the model's {timesteps} timesteps: use fewer steps")
     return plan
 
 
@@ -162,9 +166,11 @@ def alpha_sigma(sigma: float) -> tuple[float, float]:
     return alpha, sigma * alpha
 
 
-def log_snr(sigma: float) -> float:
-    """lambda = log(alpha) - log(sigma_t): infinite at sigma = 0."""
-    return math.inf if sigma == 0 else -math.log(sigma)
+def log_snr(sigma: float) -> np.float64:
+    """lambda = log(alpha) - log(sigma_t): infinite at sigma = 0. A numpy scalar: what follows divides by
+    differences of these, which are 0 where two steps share a sigma (as diffusers', inf or NaN, not an error)."""
+    with np.errstate(divide="ignore"):
+        return -np.log(np.float64(sigma))
 
 
 def train_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:

@@ -4,6 +4,8 @@
     python -m unet_flax.scripts.convert import --state-dict digits.pt --config digits.json --workdir runs/imported
     python -m unet_flax.scripts.convert import-diffusers --model ddpm-cifar10-32 --workdir runs/ddpm
     python -m unet_flax.scripts.convert export-diffusers --workdir runs/ddpm --out ddpm-finetuned
+    python -m unet_flax.scripts.convert export-diffusers --workdir runs/ddpm --out ddpm-pipeline --pipeline \
+        --sampler dpm_solver --use-karras-sigmas
 
 (`unet-flax-convert` once installed.) Imports write a step-0 checkpoint that train.py resumes and
 sample.py reads; exports read the EMA weights unless --no-ema.
@@ -18,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from unet_flax.checkpoint import load_params, refuse_used_workdir, write_initial_checkpoint
-from unet_flax.cli import add_debug_flag, run_command
-from unet_flax.config import PRESETS, TrainConfig, UNetConfig
-from unet_flax.diffusers_format import from_diffusers, schedule_of, to_diffusers
+from unet_flax.checkpoint import load_config, load_params, refuse_used_workdir, write_initial_checkpoint
+from unet_flax.cli import add_debug_flag, add_sampler_flags, given_fields, run_command, sampler_from_flags
+from unet_flax.config import PRESETS, SamplerConfig, TrainConfig, UNetConfig
+from unet_flax.diffusers_format import from_diffusers, pipeline_to_diffusers, scheduler_of, to_diffusers
+from unet_flax.diffusers_scheduler import scheduler_to_diffusers
+from unet_flax.samplers import make_plan
 from unet_flax.errors import ConfigError, ConversionError, UsageError
 from unet_flax.model import param_shapes
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
@@ -62,8 +66,9 @@ def import_state_dict(state_dict_path: str, config_path: str, workdir: str) -> d
 def import_diffusers(model_dir: str, workdir: str, variant: str | None = None) -> dict:
     """A UNet2DModel folder, or a pipeline's folder, -> an orbax checkpoint at step 0 with the cifar10
     preset's optimisation (DDPM's) for fine-tuning: train.py and sample.py take it from there. A
-    pipeline's scheduler gives the noise schedule, its length and the prediction; else DDPM's."""
-    schedule = schedule_of(model_dir) or {}
+    pipeline's scheduler gives the noise schedule, its length, the prediction and the run's sampler;
+    else DDPM's schedule and DDIM."""
+    schedule, sampler = scheduler_of(model_dir) or ({}, SamplerConfig())
     model, params = from_diffusers(model_dir, variant)
     conditional = model.num_classes is not None
     # Without a null label there is nothing to drop labels to, nor to guide against.
@@ -71,17 +76,25 @@ def import_diffusers(model_dir: str, workdir: str, variant: str | None = None) -
     base = PRESETS["cifar10"]
     sampling_steps = min(base.sampling_steps, schedule.get("timesteps", base.timesteps))
     config = dataclasses.replace(base, model=model, workdir=workdir, data=None, class_conditional=conditional,
-                                 hflip=False, sampling_steps=sampling_steps, **guidance, **schedule)
+                                 hflip=False, sampling_steps=sampling_steps, sampler=sampler, **guidance, **schedule)
+    make_plan(sampler, sampling_steps, config.noise_schedule, config.timesteps, config.prediction)
     refuse_used_workdir(workdir)
     return {**write_initial_checkpoint(config, params), "model": str(model_dir), "noise_schedule": config.noise_schedule,
-            "timesteps": config.timesteps, "prediction": config.prediction}
+            "timesteps": config.timesteps, "prediction": config.prediction, "sampler": dataclasses.asdict(sampler)}
 
 
-def export_diffusers(workdir: str, out: str, step: int | None = None, ema: bool = True) -> dict:
-    """An orbax checkpoint -> a folder that diffusers' `UNet2DModel.from_pretrained` loads."""
-    params, config, step = load_params(workdir, step, ema)
-    to_diffusers(UNetConfig.from_dict(config["model"]), params, out)
-    return {"step": step, "ema": ema, "out": str(out)}
+def export_diffusers(workdir: str, out: str, step: int | None = None, ema: bool = True,
+                     pipeline: SamplerConfig | None = None) -> dict:
+    """An orbax checkpoint -> a folder that diffusers' `UNet2DModel.from_pretrained` loads, or with
+    `pipeline` (the sampler) a DDPMPipeline's folder for `DiffusionPipeline.from_pretrained`."""
+    params, fields, step = load_params(workdir, step, ema)
+    config = TrainConfig.from_dict(fields)
+    if pipeline is None:
+        to_diffusers(config.model, params, out)
+        return {"step": step, "ema": ema, "out": str(out)}
+    scheduler = scheduler_to_diffusers(pipeline, config.noise_schedule, config.timesteps, config.prediction)
+    pipeline_to_diffusers(config.model, params, scheduler, out)
+    return {"step": step, "ema": ema, "out": str(out), "pipeline": "DDPMPipeline", "scheduler": scheduler["_class_name"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     exp_diffusers.add_argument("--out", required=True, help="a new folder for UNet2DModel.from_pretrained")
     exp_diffusers.add_argument("--step", type=int, default=None)
     exp_diffusers.add_argument("--no-ema", action="store_true")
+    exp_diffusers.add_argument("--pipeline", action="store_true",
+                               help="a DDPMPipeline's folder (model_index.json, unet/, scheduler/) with the run's "
+                                    "sampler as its scheduler, or the one the sampler flags name")
+    add_sampler_flags(exp_diffusers)
     add_debug_flag(parser)
     args = parser.parse_args(argv)
 
@@ -118,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             return export_checkpoint(args.workdir, args.out, args.step, not args.no_ema)
         if args.command == "export-diffusers":
-            return export_diffusers(args.workdir, args.out, args.step, not args.no_ema)
+            if not args.pipeline and given_fields(args, SamplerConfig):
+                raise UsageError(f"--{next(iter(given_fields(args, SamplerConfig))).replace('_', '-')} chooses the "
+                                 f"scheduler of a pipeline: add --pipeline (a lone UNet2DModel has none)")
+            sampler = sampler_from_flags(args, load_config(args.workdir, args.step).sampler) if args.pipeline else None
+            return export_diffusers(args.workdir, args.out, args.step, not args.no_ema, sampler)
         if args.command == "import-diffusers":
             return import_diffusers(args.model, args.workdir, args.variant)
         return import_state_dict(args.state_dict, args.config, args.workdir)
