@@ -6,7 +6,8 @@
 #    max-autotune variants (<preset>_<gpu>.json),
 # 3. the profile of the JAX bf16 step, per kernel kind and the 20 longest kernels (profile_<gpu>_bf16.md),
 # 4. float32 (TF32 off) with the sampling comparison, DDIM 50 steps x 64 images (<preset>_<gpu>_float32.json),
-# 5. the GPU tests (python -m pytest --gpu: parity on the GPU, cuDNN attention, bf16 training, sampling).
+# 5. every sampler's images/s at 20 steps, bf16, batch 64 (sampler_speed_<gpu>.json),
+# 6. the GPU tests (python -m pytest --gpu: parity on the GPU, cuDNN attention, bf16 training, sampling).
 # Results (gpu_<gpu>_*.log and the files above) are written as they come into OUT_DIR (default docs/bench),
 # so a run cut short keeps what it measured.
 # PRESET (default cifar10) names the model; BENCH_ARGS, PROFILE_ARGS and PYTEST_ARGS add to bench.py's,
@@ -50,5 +51,7 @@ run profile "$out/gpu_${gpu}_profile.log" python3 benchmarks/profile_step.py --p
   ${PROFILE_ARGS:-} --precision bfloat16 --out "$out/profile_${gpu}_bf16.md"
 run float32 "$out/gpu_${gpu}_bench_float32.log" python3 bench.py --preset "$preset" --device "$device" \
   ${BENCH_ARGS:-} --precision float32 --json "$out/${preset}_${gpu}_float32.json"
+run samplers "$out/gpu_${gpu}_samplers.log" python3 benchmarks/sampler_speed.py --preset "$preset" \
+  --json "$out/sampler_speed_${gpu}.json"
 run tests "$out/gpu_${gpu}_tests.log" python3 -m pytest --gpu -q -p no:cacheprovider --durations=15 ${PYTEST_ARGS:-}
 exit $status

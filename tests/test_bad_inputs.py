@@ -30,6 +30,12 @@ def files(tmp_path_factory):
         (root / name).mkdir()
         (root / name / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel",
                                                              "block_out_channels": channels}))
+    (root / "pndm_pipeline" / "unet").mkdir(parents=True)
+    (root / "pndm_pipeline" / "scheduler").mkdir()
+    (root / "pndm_pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    (root / "pndm_pipeline" / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (root / "pndm_pipeline" / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "PNDMScheduler", "skip_prk_steps": True}))
     (root / "corrupt_diffusers").mkdir()
     (root / "corrupt_diffusers" / "config.json").write_text("{'_class_name': 'UNet2DModel'}")
     run_main(CONVERT, "export", "--workdir", trained, "--out", root / "model.pt", check=True)
@@ -88,6 +94,15 @@ CASES = [
     ("sample.py", ["--workdir", "{root}/trained", "--labels", "3,12"], 2, "label 12 out of range"),
     ("sample.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
     ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2, "num_samples must be a positive integer, got 0"),
+    ("sample.py", ["--workdir", "{root}/trained", "--sampler", "plms"], 2, "argument --sampler: invalid choice: 'plms'"),
+    ("sample.py", ["--workdir", "{root}/trained", "--sampler", "euler_ancestral", "--use-karras-sigmas"], 2,
+     "use_karras_sigmas = True does not apply to sampler 'euler_ancestral': it is read by dpm_solver, euler, heun, "
+     "unipc"),
+    ("sample.py", ["--workdir", "{root}/trained", "--sampler", "unipc", "--solver-order", "4"], 2,
+     "solver_order must be in [1, 3], got 4"),
+    ("sample.py", ["--workdir", "{root}/trained", "--sampler", "dpm_solver", "--sampling-steps", "1000"], 2,
+     "sampling_steps 1000 gives dpm_solver (linspace spacing) two steps at the same noise level over the model's "
+     "1000 timesteps: use fewer steps"),
     ("evaluate.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
     ("evaluate.py", ["--workdir", "{root}/trained", "--num-samples", "1"], 2,
      "num_samples must be >= 2 for a Frechet distance, got 1"),
@@ -117,6 +132,15 @@ CASES = [
     (CONVERT, ["import", "--state-dict", "{root}/model.pt", "--config", "{root}/corrupt.json", "--workdir", "{w}"],
      2, "--config {root}/corrupt.json is not valid JSON (Expecting property name enclosed in double quotes at "
         "line 1, column 29)"),  # just after the 28 characters written
+    (CONVERT, ["import-diffusers", "--model", "{root}/pndm_pipeline", "--workdir", "{w}"], 2,
+     "scheduler PNDMScheduler cannot be expressed: unet_flax's samplers equal DDIMScheduler, DDPMScheduler, "
+     "DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, "
+     "UniPCMultistepScheduler"),
+    (CONVERT, ["export-diffusers", "--workdir", "{root}/trained", "--out", "{w}", "--pipeline"], 2,
+     "a class-conditional model cannot be a DDPMPipeline (it passes no class labels): export the U-Net alone "
+     "(without --pipeline)"),
+    (CONVERT, ["export-diffusers", "--workdir", "{root}/trained", "--out", "{w}", "--use-karras-sigmas"], 2,
+     "--use-karras-sigmas chooses the scheduler of a pipeline: add --pipeline (a lone UNet2DModel has none)"),
     (CONVERT, ["import-diffusers", "--model", "{root}/corrupt_diffusers", "--workdir", "{w}"], 2,
      "diffusers config {root}/corrupt_diffusers/config.json is not valid JSON"),
     (CONVERT, ["import-diffusers", "--model", "{root}/empty_channels", "--workdir", "{w}"], 2,

@@ -1,4 +1,4 @@
-"""Pictures for people: sample grids and the loss curve, drawn with Pillow."""
+"""Pictures for people: sample grids, line and bar charts (the loss curve, benchmarks), drawn with Pillow."""
 from __future__ import annotations
 
 import math
@@ -26,20 +26,46 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int | None = None, 
 
 def save_loss_curve(steps: list[int], losses: list[float], path: str | Path, size=(640, 360)) -> None:
     """A line plot of loss against step (log scale), with the axis ranges written on it."""
-    width, height, margin = size[0], size[1], 48
-    image = Image.new("RGB", size, "white")
+    save_line_chart({"loss": (steps, losses)}, path, "step", "loss", log_y=True, size=size)
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def save_line_chart(series: dict[str, tuple[list[float], list[float]]], path: str | Path, x_name: str, y_name: str,
+                    log_x: bool = False, log_y: bool = False, size=(640, 360)) -> None:
+    """Lines (a dot on each point) of y against x, one per named series, colour-keyed on the right when
+    there are several; the axis ranges written on the axes."""
+    legend = 170 if len(series) > 1 else 0
+    width, height, margin = size[0] + legend, size[1], 48
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    if len(steps) >= 2:
-        logs = np.log10(np.maximum(np.asarray(losses, np.float64), 1e-12))
-        lo, hi = float(logs.min()), float(logs.max()) + 1e-9
-        xs = margin + (np.asarray(steps) - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 2 * margin)
-        ys = height - margin - (logs - lo) / (hi - lo) * (height - 2 * margin)
-        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(31, 119, 180), width=2)
-        draw.text((4, margin - 12), f"loss {10 ** hi:.4g}", fill="black")
-        draw.text((4, height - margin), f"loss {10 ** lo:.4g} (log scale)", fill="black")
-        draw.text((margin, height - 16), f"step {steps[0]}", fill="black")
-        draw.text((width - margin - 60, height - 16), f"step {steps[-1]}", fill="black")
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="gray")
+    scale = lambda values, log: np.log10(np.maximum(np.asarray(values, np.float64), 1e-12)) if log else \
+        np.asarray(values, np.float64)  # noqa: E731
+    xs_all = np.concatenate([scale(xs, log_x) for xs, _ in series.values()])
+    ys_all = np.concatenate([scale(ys, log_y) for _, ys in series.values()])
+    if len(xs_all) >= 2:
+        (x_lo, x_hi), (y_lo, y_hi) = (xs_all.min(), xs_all.max() + 1e-9), (ys_all.min(), ys_all.max() + 1e-9)
+        right = width - legend - margin
+        for i, (name, (xs, ys)) in enumerate(series.items()):
+            colour = PALETTE[i % len(PALETTE)]
+            px = margin + (scale(xs, log_x) - x_lo) / (x_hi - x_lo) * (right - margin)
+            py = height - margin - (scale(ys, log_y) - y_lo) / (y_hi - y_lo) * (height - 2 * margin)
+            points = list(zip(px.tolist(), py.tolist()))
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for x, y in points:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+            if legend:
+                draw.text((right + 16, margin + 14 * i), name, fill=colour)
+        shown = lambda value, log: f"{10 ** value if log else value:.4g}"  # noqa: E731
+        log_note = lambda log: " (log scale)" if log else ""  # noqa: E731
+        draw.text((4, margin - 12), f"{y_name} {shown(y_hi, log_y)}", fill="black")
+        draw.text((4, height - margin), f"{y_name} {shown(y_lo, log_y)}{log_note(log_y)}", fill="black")
+        draw.text((margin, height - 16), f"{x_name} {shown(x_lo, log_x)}{log_note(log_x)}", fill="black")
+        draw.text((right - 60, height - 16), f"{x_name} {shown(x_hi, log_x)}", fill="black")
+        draw.rectangle([margin, margin, right, height - margin], outline="gray")
     image.save(path)
 
 
@@ -51,7 +77,6 @@ def save_bar_chart(groups: list[tuple[str, list[tuple[str, float]]]], path: str 
     height = margin + sum(row * (len(bars) + 1) + margin for _, bars in groups)
     image = Image.new("RGB", (label_width + bar_width + 120, height), "white")
     draw = ImageDraw.Draw(image)
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
     y = margin
     for title, bars in groups:
         draw.text((margin, y + 4), title, fill="black")
@@ -60,7 +85,7 @@ def save_bar_chart(groups: list[tuple[str, list[tuple[str, float]]]], path: str 
         for i, (label, value) in enumerate(bars):
             length = int(bar_width * value / top)
             draw.text((margin + 8, y + 4), label, fill="black")
-            draw.rectangle([label_width, y + 2, label_width + max(length, 1), y + row - 4], fill=palette[i % len(palette)])
+            draw.rectangle([label_width, y + 2, label_width + max(length, 1), y + row - 4], fill=PALETTE[i % len(PALETTE)])
             draw.text((label_width + length + 6, y + 4), f"{value:.1f} {unit}", fill="black")
             y += row
         y += margin
