@@ -16,6 +16,8 @@ import multiprocessing.synchronize
 import multiprocessing.util
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -41,9 +43,16 @@ def join_job(coordinator_address: str | None, num_processes: int | None, process
     # Recoverable: a lost process is reported to the others (PeerFailures watches for it) instead of
     # aborting them from inside the coordination client, which prints a C++ stack trace and no reason.
     jax.config.update("jax_enable_recoverability", True)
+    bind_address = None
+    if process_id == 0 and coordinator_address is not None and num_processes is not None:
+        # The job's coordination service in a process of its own, which outlives this one: a lost process 0
+        # is then reported like any other (the others' clients abort the moment a service in it goes).
+        # JAX starts a service in process 0 all the same: it gets an address of its own, and no client.
+        _start_service_host(f"[::]:{coordinator_address.rsplit(':', 1)[1]}", num_processes)
+        bind_address = f"127.0.0.1:{_free_port()}"
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, coordinator_bind_address=bind_address)
     except ValueError as error:  # nothing given and no cluster in the environment
         raise ConfigError(f"--distributed: {error} JAX found no cluster to read it from: pass --coordinator-address "
                           f"HOST:PORT --num-processes N --process-id I") from None
@@ -52,25 +61,62 @@ def join_job(coordinator_address: str | None, num_processes: int | None, process
     atexit.register(_leave_last)  # after JAX's own exit handler, so it runs before it
 
 
+_service_host: subprocess.Popen | None = None
+
+
+def _start_service_host(bind_address: str, num_processes: int) -> None:
+    global _service_host
+    # Its own session: a Ctrl-C to the job's terminal stops the job's processes, which then leave the service.
+    _service_host = subprocess.Popen([sys.executable, "-m", "unet_flax.job", bind_address, str(num_processes)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     text=True, start_new_session=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(bind_address: str, num_processes: int) -> None:
+    """The job's coordination service, in the process _start_service_host starts. It ends when process 0
+    does: at once after a normal end (process 0 writes "normal" once the others have left), else after long
+    enough for the others to see process 0 lost and stop."""
+    from jax._src.lib import _jax  # what jax.distributed.initialize starts in process 0
+
+    service = _jax.get_distributed_runtime_service(bind_address, num_processes, heartbeat_timeout=HEARTBEAT_TIMEOUT_S,
+                                                   shutdown_timeout=60, recoverable=True)
+    if sys.stdin.read() != "normal":  # until process 0 has exited
+        time.sleep(2 * HEARTBEAT_TIMEOUT_S)
+    del service
+    os._exit(0)  # without the service's shut-down, which would wait for clients that are gone
+
+
 def _leave_last(timeout_s: float = 60.0) -> None:
-    """At exit, process 0, which hosts the coordination service, waits (at most `timeout_s`) for the
-    others to leave it: a recoverable job has no shutdown barrier, and a process whose service is gone
-    aborts as it leaves."""
+    """At exit, process 0 waits (at most `timeout_s`) for the others to leave the coordination service: a
+    recoverable job has no shutdown barrier, and a process whose service is gone aborts as it leaves. Once
+    alone, it lets the service's own process end with it."""
     from jax._src import distributed
 
     state = distributed.global_state
     if state.process_id != 0 or state.client is None:
         return
     everyone = list(range(state.num_processes))
+    alone = threading.Event()
 
     def until_alone() -> None:
         with contextlib.suppress(Exception):  # nothing left to do at exit but leave
             while len(state.client.get_live_nodes(everyone)) > 1:  # answered once the others ask or leave
                 time.sleep(0.1)
+            alone.set()
 
     waiting = threading.Thread(target=until_alone, daemon=True)
     waiting.start()
     waiting.join(timeout_s)
+    if alone.is_set() and _service_host is not None:
+        with contextlib.suppress(OSError):
+            _service_host.stdin.write("normal")
+            _service_host.stdin.flush()
 
 
 def client():
@@ -167,10 +213,10 @@ class PeerFailures:
             try:
                 failure = self._failed_peer() or self._lost_peer()
                 unanswered = 0
-            except Exception:  # for long: the service is gone with process 0, which hosted it
+            except Exception:  # for long: the service is gone with process 0's host, which ran it
                 unanswered += 1
-                failure = (0, "was lost (the job's coordination service, which it hosted, stopped answering)") \
-                    if unanswered >= unanswered_limit else None
+                failure = (0, "was lost (the job's coordination service, which ran on its host, stopped "
+                              "answering)") if unanswered >= unanswered_limit else None
             if failure and not self.done.is_set():
                 self._stop(*failure)
 
@@ -233,3 +279,5 @@ def stop_data_workers(timeout_s: float = 10.0) -> None:
             finalizer()
 
 
+if __name__ == "__main__":  # _start_service_host's process
+    serve(sys.argv[1], int(sys.argv[2]))

@@ -32,6 +32,8 @@ HISTORY = 4
 # A plan's columns: the current x, the saved x, then the predictions, newest first.
 X, SAVED = 0, 1
 COLUMNS = 2 + HISTORY
+# What a plan holds per model evaluation.
+PER_EVALUATION = ("model_t", "input_scale", "from_x", "from_output", "x_row", "saved_row", "noise_scale")
 
 
 def prediction_column(age: int) -> int:
@@ -70,8 +72,7 @@ def run(denoise: Denoiser, plan: Plan, x_T: jax.Array, key: jax.Array | None = N
         raise ValueError("a stochastic plan takes exactly one of key and noise")
     x = plan.init_scale * x_T
     predictions = jnp.zeros((HISTORY, *x.shape), x.dtype)
-    rows = {name: getattr(plan, name) for name in ("model_t", "input_scale", "from_x", "from_output",
-                                                    "x_row", "saved_row", "noise_scale")}
+    rows = {name: getattr(plan, name) for name in PER_EVALUATION}
     if plan.stochastic:
         rows["noise"] = jax.random.split(key, plan.evaluations) if noise is None else noise
 
@@ -108,8 +109,7 @@ def make_plan(sampler: SamplerConfig, num_steps: int, noise_schedule: str, times
     check_sampling_steps(num_steps, timesteps)
     with np.errstate(divide="ignore", invalid="ignore"):
         plan = PLANS[sampler.sampler](sampler, num_steps, alphas_cumprod, prediction, noise_schedule)
-    rows = (plan.x_row, plan.saved_row, plan.from_x, plan.from_output, plan.noise_scale, plan.input_scale)
-    if not all(np.all(np.isfinite(row)) for row in rows):
+    if not all(np.all(np.isfinite(getattr(plan, name))) for name in PER_EVALUATION):
         # A multistep method divides by the log-SNR between steps: two steps at one noise level.
         raise ConfigError(f"sampling_steps {num_steps} gives {sampler.sampler} ({sampler.timestep_spacing} spacing"
                           f"{', Karras sigmas' if sampler.use_karras_sigmas else ''}) two steps at the same noise "
@@ -121,8 +121,7 @@ class _Rows:
     """A plan's rows as they are built, one model evaluation at a time."""
 
     def __init__(self):
-        self.columns = {name: [] for name in ("model_t", "input_scale", "from_x", "from_output", "x_row",
-                                              "saved_row", "noise_scale")}
+        self.columns = {name: [] for name in PER_EVALUATION}
 
     def add(self, model_t: float, input_scale: float, conversion: tuple[float, float], x_row: np.ndarray,
             saved_row: np.ndarray | None = None, noise_scale: float = 0.0) -> None:
