@@ -76,6 +76,9 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, fields: dict) -> "SamplerConfig":
+        unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown SamplerConfig fields: {', '.join(unknown)}")
         return cls(**fields)
 
 
