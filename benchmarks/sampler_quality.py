@@ -39,6 +39,7 @@ SAMPLERS = {
 }
 STEPS = (5, 10, 20, 50)
 NUM_SAMPLES, BATCH = 1347, 449
+PLOTTED_RATIO = 4.0
 
 
 def measure(params, config: TrainConfig, sampler: SamplerConfig, steps: int) -> dict:
@@ -60,12 +61,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """FD / floor against model evaluations, a line per sampler; cells above PLOTTED_RATIO are left out
+    (the table has them) so that the rest stay readable."""
+    kept = [row for row in rows if row["fd_ratio"] <= PLOTTED_RATIO]
+    series = {name: ([r["model_evaluations"] for r in kept if r["sampler"] == name],
+                     [r["fd_ratio"] for r in kept if r["sampler"] == name]) for name in dict.fromkeys(r["sampler"] for r in kept)}
+    save_line_chart(series, path, "model evaluations", "FD / floor", log_x=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/digits")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None, help="FD / floor against model evaluations, a line per sampler")
+    parser.add_argument("--replot", default=None, help="only draw --plot from the JSON an earlier run wrote")
     args = parser.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.replot).read_text())["rows"], args.plot)
+        return
     use_xla_cpu_convolutions()
     params, fields, step = load_params(args.workdir)
     config = TrainConfig.from_dict(fields)
@@ -83,12 +97,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if args.plot:
-        series = {name: ([r["model_evaluations"] for r in rows if r["sampler"] == name],
-                         [r["fd_ratio"] for r in rows if r["sampler"] == name]) for name in SAMPLERS}
-        ddpm = rows[-1]
-        series["DDPM (all timesteps)"] = ([ddpm["model_evaluations"]], [ddpm["fd_ratio"]])
-        save_line_chart(series, args.plot, "model evaluations", "FD / floor", log_x=True, log_y=True)
-
+        plot(rows, args.plot)
 
 if __name__ == "__main__":
     main()

@@ -22,8 +22,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bench import bench_config
 from unet_flax.config import PRESETS, SAMPLERS, SamplerConfig
+from unet_flax.config.unet_config import compute_dtype
 from unet_flax.model import init_params
 from unet_flax.runtime import use_xla_cpu_convolutions
 from unet_flax.samplers import make_plan
@@ -57,8 +57,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     use_xla_cpu_convolutions()
-    config = bench_config(args.preset, args.batch_size, "float32" if jax.default_backend() == "cpu" else "bfloat16")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, remat=False))
+    preset = PRESETS[args.preset]  # with a class label where it is class-conditional, as its data gives
+    model = dataclasses.replace(preset.model, num_classes=10 if preset.class_conditional else None, remat=False,
+                                dtype=compute_dtype(jax.default_backend()))
+    config = dataclasses.replace(preset, model=model)
     params = init_params(config.model, jax.random.PRNGKey(0))
     results = {}
     for name in (s for s in SAMPLERS if s != "ddpm"):
