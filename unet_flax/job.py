@@ -87,7 +87,7 @@ def serve(bind_address: str, num_processes: int) -> None:
     service = _jax.get_distributed_runtime_service(bind_address, num_processes, heartbeat_timeout=HEARTBEAT_TIMEOUT_S,
                                                    shutdown_timeout=60, recoverable=True)
     if sys.stdin.read() != "normal":  # until process 0 has exited
-        time.sleep(2 * HEARTBEAT_TIMEOUT_S)
+        time.sleep(HEARTBEAT_TIMEOUT_S + 10)
     del service
     os._exit(0)  # without the service's shut-down, which would wait for clients that are gone
 
