@@ -95,12 +95,17 @@ def serve(bind_address: str, num_processes: int) -> None:
 def _leave_last(timeout_s: float = 60.0) -> None:
     """At exit, process 0 waits (at most `timeout_s`) for the others to leave the coordination service: a
     recoverable job has no shutdown barrier, and a process whose service is gone aborts as it leaves. Once
-    alone, it lets the service's own process end with it."""
+    alone, it lets the service's own process end with it. JAX's exit handler then disconnects."""
     from jax._src import distributed
 
     state = distributed.global_state
-    if state.process_id != 0 or state.client is None:
-        return
+    if state.process_id == 0 and state.client is not None:
+        _release_service_when_alone(state, timeout_s)
+
+
+def _release_service_when_alone(state, timeout_s: float) -> None:
+    """Wait (at most `timeout_s`) until process 0 is the only live process, then tell the service's
+    process to end when process 0 does."""
     everyone = list(range(state.num_processes))
     alone = threading.Event()
 
@@ -117,6 +122,28 @@ def _leave_last(timeout_s: float = 60.0) -> None:
         with contextlib.suppress(OSError):
             _service_host.stdin.write("normal")
             _service_host.stdin.flush()
+
+
+def _leave_failed_job(timeout_s: float) -> None:
+    """Leave the job's coordination service at once, without the interpreter's shut-down: every process
+    disconnects (the others then see it gone now, not after a heartbeat timeout), process 0 last, once the
+    others have (so the service's process ends with it, leaving nothing of the job running). Bounded by
+    `timeout_s`: the service may be gone."""
+    from jax._src import distributed
+
+    state = distributed.global_state
+    if state.client is None:
+        return
+
+    def leave() -> None:
+        with contextlib.suppress(Exception):
+            if state.process_id == 0:
+                _release_service_when_alone(state, timeout_s - 5)  # then 5 s to disconnect
+            jax.distributed.shutdown()
+
+    leaving = threading.Thread(target=leave, daemon=True)
+    leaving.start()
+    leaving.join(timeout_s)
 
 
 def client():
@@ -253,9 +280,11 @@ class PeerFailures:
 
 def end_failed_job(code: int) -> None:
     """End this process of a failed multi-process job at once (see PeerFailures): without the interpreter's
-    shut-down, whose JAX barrier would wait for the failed peers, but with the data workers stopped first.
-    os._exit alone left them running, orphaned, each holding memory and this process's stderr."""
+    shut-down, which would wait for the failed peers, but with the data workers stopped first (os._exit alone
+    left them running, orphaned, each holding memory and this process's stderr) and the job's coordination
+    service left (_leave_failed_job)."""
     stop_data_workers()
+    _leave_failed_job(timeout_s=15.0)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
