@@ -33,8 +33,7 @@ import numpy as np
 
 from .config import SamplerConfig, UNetConfig
 from .config.unet_config import GROUP_NORM_EPSILON
-from .config.sampler_config import SCHEDULERS
-from .diffusers_scheduler import sampler_from_diffusers, schedule_from_diffusers
+from .diffusers_scheduler import SAMPLER_OF, sampler_from_diffusers, schedule_from_diffusers
 from .errors import ConfigError, ConversionError
 from .weights import Params, float32_array, flatten, load_torch_state_dict, read_json, unwrap
 
@@ -474,7 +473,7 @@ def pipeline_to_diffusers(config: UNetConfig, params: Mapping[str, Any], schedul
         raise ConfigError("a class-conditional model cannot be a DDPMPipeline (it passes no class labels): export "
                           "the U-Net alone (without --pipeline)")
     class_name = scheduler["_class_name"]
-    sampler = next(name for name, scheduler_class in SCHEDULERS.items() if scheduler_class == class_name)
+    sampler = SAMPLER_OF[class_name]
     if sampler not in PIPELINE_SAMPLERS:
         raise ConfigError(f"sampler {sampler} cannot be a DDPMPipeline's scheduler: DDPMPipeline runs "
                           f"{class_name} otherwise than unet_flax (it neither scales the model input nor the initial "

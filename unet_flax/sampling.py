@@ -65,14 +65,14 @@ def sample(params: Any, config: TrainConfig, sampling: SamplingConfig, progress:
     config = dataclasses.replace(config, model=model)
     images = _generate_in_batches(params, config, labels, plan, guidance_scale=guidance, sampling=sampling,
                                   progress=progress)
-    settings = {"num_samples": len(images), **_changed_settings(sampler), "model_evaluations": plan.evaluations,
+    settings = {"num_samples": len(images), **_sampler_settings(sampler), "model_evaluations": plan.evaluations,
                 "sampling_steps": config.timesteps if sampler.sampler == "ddpm" else sampling.sampling_steps,
                 "guidance_scale": guidance if labels is not None else None, "seed": sampling.seed,
                 "ema": sampling.ema}
     return Samples(images, labels, columns, config, settings)
 
 
-def _changed_settings(sampler: SamplerConfig) -> dict[str, Any]:
+def _sampler_settings(sampler: SamplerConfig) -> dict[str, Any]:
     """The sampler's name and the settings it reads (SamplerConfig.READ_BY), as a report shows them."""
     return {"sampler": sampler.sampler, **{name: getattr(sampler, name) for name, readers in READ_BY.items()
                                            if sampler.sampler in readers}}
