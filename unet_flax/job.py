@@ -32,6 +32,9 @@ TIMEOUT_MS = 30 * 60 * 1000  # a peer that fails says so (PeerFailures); this is
 # A process that sends no heartbeat for this long is lost (killed, its host gone): the others stop.
 # Heartbeats come from a thread of their own every few seconds, whatever the process is computing.
 HEARTBEAT_TIMEOUT_S = 20
+# How long a lost peer takes to be noticed at most: its missed heartbeats, or, with process 0's host,
+# the service's process lingering (serve) and then not answering (PeerFailures._watch).
+PEER_LOSS_NOTICED_S = HEARTBEAT_TIMEOUT_S + 20
 # Every process makes the same calls in the same order, so the n-th call has the same key everywhere,
 # and a second train() in the same job does not meet the first one's keys.
 _calls = itertools.count()
@@ -223,7 +226,12 @@ class PeerFailures:
         threading.Thread(target=self._watch, args=(interval_s,), daemon=True, name="peer-failures").start()
 
     def announce(self, error: BaseException) -> None:
-        """This process failed with `error`: the others stop, naming it."""
+        """This process failed with `error`: the others stop, naming it. A collective that failed is
+        first given time to be explained by a peer's failure or loss, which then stops this process
+        with that reason instead (a peer killed during a collective closes its connections at once,
+        long before the coordination service misses its heartbeats)."""
+        if _raised_by_the_runtime(error):
+            self.done.wait(PEER_LOSS_NOTICED_S)  # the watcher ends the process if it finds the cause
         self.done.set()
         with contextlib.suppress(Exception):  # the service may be gone with process 0
             self.client.key_value_set(f"{self.failed}{jax.process_index()}", describe(error))
@@ -276,6 +284,15 @@ class PeerFailures:
         print(f"{below_progress_bar}error: process {process} {what}; {checkpoint}; this process stops too",
               file=sys.stderr, flush=True)
         end_failed_job(1)
+
+
+def _raised_by_the_runtime(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is the XLA runtime's (a collective, a transfer)."""
+    while error is not None:
+        if isinstance(error, jax.errors.JaxRuntimeError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def end_failed_job(code: int) -> None:
