@@ -33,9 +33,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from unet_flax.config import PRESETS, TrainConfig  # noqa: E402
+from unet_flax.config import PRESETS, SamplerConfig, TrainConfig  # noqa: E402
 from unet_flax.model import init_params  # noqa: E402
 from unet_flax.parallel import DATA_AXIS, jit_driver  # noqa: E402
+from unet_flax.samplers import make_plan  # noqa: E402
 from unet_flax.sampling import generate  # noqa: E402
 from unet_flax.train_step import create_train_state, make_train_step  # noqa: E402
 
@@ -119,11 +120,10 @@ def lower_sampler(config: TrainConfig, device: jax.Device, images: int, steps: i
     params = jax.eval_shape(lambda key: init_params(m, key), jax.random.key(0))
     sharding = jax.sharding.SingleDeviceSharding(device)
     labels = None if m.num_classes is None else jax.ShapeDtypeStruct((images,), jnp.int32, sharding=sharding)
+    plan = make_plan(SamplerConfig("ddim"), steps, config.noise_schedule, config.timesteps, config.prediction)
     return generate.lower(abstract(params, sharding), jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding),
-                          labels, model_config=m, shape=(images, m.image_size, m.image_size, m.in_channels),
-                          num_steps=steps, guidance_scale=config.guidance_scale if labels is not None else 1.0,
-                          schedule_name=config.noise_schedule, timesteps=config.timesteps,
-                          prediction=config.prediction)
+                          labels, plan, model_config=m, shape=(images, m.image_size, m.image_size, m.in_channels),
+                          guidance_scale=config.guidance_scale if labels is not None else 1.0)
 
 
 # -- reading the optimised HLO ------------------------------------------------------------------

@@ -109,21 +109,30 @@ def assert_bit_identical(a, b):
     jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def free_port(low: int | None = None, high: int | None = None) -> int:
+    """A port nothing listens on: any, or the first free one in [low, high]."""
+    for port in [0] if low is None else range(low, high + 1):
+        with socket.socket() as s, contextlib.suppress(OSError):
+            s.bind(("localhost", port))
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in [{low}, {high}]")
 
 
-def start_processes(workdir, count: int, *flags) -> list[subprocess.Popen]:
-    """train.py as `count` processes on localhost (2 CPU devices each), one JAX distributed job."""
-    port = free_port()
+def start_processes(workdir, count: int, *flags, slurm: bool = False) -> list[subprocess.Popen]:
+    """train.py as `count` processes on localhost (2 CPU devices each), one JAX distributed job: told which
+    process each is by flags, or (`slurm`) by the environment a SLURM job step gives its tasks."""
     xla_flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=4",
                                                 "--xla_force_host_platform_device_count=2")
     environment = {**os.environ, "XLA_FLAGS": xla_flags}
+    command = command_line("train.py", "--workdir", workdir, *TINY, *flags, "--distributed")
+    if slurm:  # JAX's SLURM support takes the coordinator's port from the job id: 61440 + id % 4096
+        job_id = free_port(61440, 65535) - 61440
+        return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={
+            **environment, "SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": str(count), "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}) for i in range(count)]
+    port = free_port()
     return [subprocess.Popen(
-        command_line("train.py", "--workdir", workdir, *TINY, *flags, "--distributed", "--coordinator-address",
-                     f"localhost:{port}", "--num-processes", count, "--process-id", i),
+        [*command, "--coordinator-address", f"localhost:{port}", "--num-processes", str(count), "--process-id", str(i)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, cwd=ROOT)
         for i in range(count)]
 

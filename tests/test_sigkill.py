@@ -56,13 +56,14 @@ def test_sigkill_at_three_moments_resumes_bit_identically(tmp_path):
 
 
 def test_a_killed_process_stops_the_other_within_60_s_and_the_restart_resumes(tmp_path):
-    """Two processes; process 0, which started the job's coordination service, gets SIGKILL (a lost host: it
-    says nothing) while the second checkpoint is written, when process 1 waits in the save's collectives,
-    which fail at once. Process 1 stops within 60 s, exit 1, its last line naming process 0 and the newest
-    complete checkpoint; nothing of the job is left running; the restart resumes from that checkpoint."""
+    """Two processes of a SLURM job step (told which process each is by the environment, not by flags);
+    process 0, which started the job's coordination service, gets SIGKILL (a lost host: it says nothing)
+    while the second checkpoint is written, when process 1 waits in the save's collectives, which fail at
+    once. Process 1 stops within 60 s, exit 1, its last line naming process 0 and the newest complete
+    checkpoint; nothing of the job is left running; the restart resumes from that checkpoint."""
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
-    procs = start_processes(workdir, 2, "--steps", "100000", "--save-every", "2")
+    procs = start_processes(workdir, 2, "--steps", "100000", "--save-every", "2", slurm=True)
     while not (complete_steps(checkpoints) and any("tmp" in path.name for path in checkpoints.iterdir())):
         assert all(proc.poll() is None for proc in procs), [proc.communicate()[1][-2000:] for proc in procs]
         time.sleep(0.01)

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 
 from .errors import ConfigError
 
+INITIALIZATION_TIMEOUT_S = 300  # jax.distributed.initialize's default
 TIMEOUT_MS = 30 * 60 * 1000  # a peer that fails says so (PeerFailures); this is for hangs
 # A process that sends no heartbeat for this long is lost (killed, its host gone): the others stop.
 # Heartbeats come from a thread of their own every few seconds, whatever the process is computing.
@@ -46,15 +47,18 @@ def join_job(coordinator_address: str | None, num_processes: int | None, process
     # Recoverable: a lost process is reported to the others (PeerFailures watches for it) instead of
     # aborting them from inside the coordination client, which prints a C++ stack trace and no reason.
     jax.config.update("jax_enable_recoverability", True)
-    bind_address = None
-    if process_id == 0 and coordinator_address is not None and num_processes is not None:
-        # The job's coordination service in a process of its own, which outlives this one: a lost process 0
-        # is then reported like any other (the others' clients abort the moment a service in it goes).
-        # JAX starts a service in process 0 all the same: it gets an address of its own, and no client.
-        _start_service_host(f"[::]:{coordinator_address.rsplit(':', 1)[1]}", num_processes)
-        bind_address = f"127.0.0.1:{_free_port()}"
+    bind_address, local_device_ids = None, None
     try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+        if None in (coordinator_address, num_processes, process_id):
+            coordinator_address, num_processes, process_id, local_device_ids = _from_cluster_environment(
+                coordinator_address, num_processes, process_id)
+        if process_id == 0 and coordinator_address is not None and num_processes is not None:
+            # The job's coordination service in a process of its own, which outlives this one: a lost process 0
+            # is then reported like any other (the others' clients abort the moment a service in it goes).
+            # JAX starts a service in process 0 all the same: it gets an address of its own, and no client.
+            _start_service_host(f"[::]:{coordinator_address.rsplit(':', 1)[1]}", num_processes)
+            bind_address = f"127.0.0.1:{_free_port()}"
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids,
                                    heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S, coordinator_bind_address=bind_address)
     except ValueError as error:  # nothing given and no cluster in the environment
         raise ConfigError(f"--distributed: {error} JAX found no cluster to read it from: pass --coordinator-address "
@@ -62,6 +66,17 @@ def join_job(coordinator_address: str | None, num_processes: int | None, process
     # Collectives between CPU processes need gloo; GPU and TPU bring their own. Before the backends start.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     atexit.register(_leave_last)  # after JAX's own exit handler, so it runs before it
+
+
+def _from_cluster_environment(coordinator_address: str | None, num_processes: int | None,
+                              process_id: int | None) -> tuple[str | None, int | None, int | None, list[int] | None]:
+    """The settings not given, as jax.distributed.initialize would read them from the cluster's environment
+    (SLURM, Open MPI, Cloud TPU), and the local devices it names: read first, so that process 0 knows
+    that it is and starts the service in a process of its own. JAX has no public function for it."""
+    from jax._src import clusters
+
+    return clusters.ClusterEnv.auto_detect_unset_distributed_params(
+        coordinator_address, num_processes, process_id, None, None, INITIALIZATION_TIMEOUT_S)
 
 
 _service_host: subprocess.Popen | None = None
@@ -230,7 +245,7 @@ class PeerFailures:
         first given time to be explained by a peer's failure or loss, which then stops this process
         with that reason instead (a peer killed during a collective closes its connections at once,
         long before the coordination service misses its heartbeats)."""
-        if _raised_by_the_runtime(error):
+        if _may_be_a_lost_peer(error):
             self.done.wait(PEER_LOSS_NOTICED_S)  # the watcher ends the process if it finds the cause
         self.done.set()
         with contextlib.suppress(Exception):  # the service may be gone with process 0
@@ -286,10 +301,15 @@ class PeerFailures:
         end_failed_job(1)
 
 
-def _raised_by_the_runtime(error: BaseException) -> bool:
-    """Whether `error`, or an error it was raised from, is the XLA runtime's (a collective, a transfer)."""
+# How the runtime's errors begin when a peer went away in a collective (gloo: UNKNOWN; NCCL and gRPC:
+# UNAVAILABLE, ...), unlike this process's own failures (RESOURCE_EXHAUSTED, INVALID_ARGUMENT, ...).
+_PEER_LOSS_STATUSES = ("UNKNOWN", "UNAVAILABLE", "ABORTED", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL")
+
+
+def _may_be_a_lost_peer(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is the XLA runtime's with a status a lost peer gives."""
     while error is not None:
-        if isinstance(error, jax.errors.JaxRuntimeError):
+        if isinstance(error, jax.errors.JaxRuntimeError) and str(error).startswith(_PEER_LOSS_STATUSES):
             return True
         error = error.__cause__ or error.__context__
     return False
