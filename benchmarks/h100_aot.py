@@ -3,7 +3,7 @@ A100 on a machine without a GPU, and what XLA made of them: kernels, layouts, at
 a roofline bound on MFU.
 
     pip install 'jax[cuda12]==<the installed jax version>'   # the CUDA plugin, about 5.5 GB; not a requirement
-    python benchmarks/h100_aot.py      # writes docs/bench/gpu_aot.json and gpu_aot.md (about 15 minutes on 2 cores)
+    python benchmarks/h100_aot.py      # writes docs/bench/gpu_aot.json and gpu_aot.md (about 5 minutes on 2 cores)
     python benchmarks/h100_aot.py --gpus H100 --dtypes bfloat16     # one column pair (about 4 minutes)
 
 XLA compiles for a GPU it does not have (a "deviceless" compilation) from the target's description,
