@@ -202,15 +202,32 @@ def kernels(computations: dict[str, list[Instruction]]) -> list[Instruction]:
 
 def bytes_moved(i: Instruction, computations: dict[str, list[Instruction]], by_name: dict[str, Instruction]) -> int:
     """HBM bytes a kernel reads and writes: its result, and each operand, or only the slices of it that
-    a fusion reads when slicing is all the fusion does with it."""
+    a fusion reads when slicing (after converts and reshapes, elementwise) is all the fusion does with it."""
+    body = computations.get(i.called, []) if i.opcode == "fusion" else []
     sliced = {}
-    for p in computations.get(i.called, []) if i.opcode == "fusion" else []:
-        if p.opcode == "parameter":
-            users = [u for u in computations[i.called] if p.name in u.operands]
-            if users and all(u.opcode in ("slice", "dynamic-slice") for u in users):
-                sliced[int(re.search(r"parameter\((\d+)\)", p.text).group(1))] = sum(shape_bytes(u.shape) for u in users)
+    for p in body:
+        if p.opcode == "parameter" and (elements := _sliced_elements(p, body)) is not None:
+            sliced[int(re.search(r"parameter\((\d+)\)", p.text).group(1))] = elements * BYTES.get(p.shape.split("[")[0], 4)
     return shape_bytes(i.shape) + sum(sliced.get(k, shape_bytes(by_name[o].shape)) for k, o in enumerate(i.operands)
                                       if o in by_name)
+
+
+# Ops through which a fused kernel reads an operand element for element: a slice after them reads its part only.
+ELEMENTWISE_VIEWS = ("bitcast", "convert", "reshape", "copy")
+
+
+def _sliced_elements(value: Instruction, body: list[Instruction]) -> int | None:
+    """How many of `value`'s elements a fusion reads when every use of it ends in a slice; None if not."""
+    users = [u for u in body if value.name in u.operands]
+    total = 0
+    for user in users:
+        if user.opcode in ("slice", "dynamic-slice"):
+            total += _product(",".join(map(str, dims(user.shape))))
+        elif user.opcode in ELEMENTWISE_VIEWS and (elements := _sliced_elements(user, body)) is not None:
+            total += elements
+        else:
+            return None
+    return total if users else None
 
 
 def is_matmul(i: Instruction) -> bool:
