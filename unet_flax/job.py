@@ -33,8 +33,8 @@ TIMEOUT_MS = 30 * 60 * 1000  # a peer that fails says so (PeerFailures); this is
 # A process that sends no heartbeat for this long is lost (killed, its host gone): the others stop.
 # Heartbeats come from a thread of their own every few seconds, whatever the process is computing.
 HEARTBEAT_TIMEOUT_S = 20
-# How long a lost peer takes to be noticed at most: its missed heartbeats, or, with process 0's host,
-# the service's process lingering (serve) and then not answering (PeerFailures._watch).
+# How long a process that failed in a collective waits for PeerFailures to find a lost peer behind it:
+# the peer's missed heartbeats, then the watcher's next look (16-18 s measured), with room to spare.
 PEER_LOSS_NOTICED_S = HEARTBEAT_TIMEOUT_S + 20
 # Every process makes the same calls in the same order, so the n-th call has the same key everywhere,
 # and a second train() in the same job does not meet the first one's keys.
