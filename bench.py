@@ -49,7 +49,7 @@ from unet_flax import reference
 from unet_flax.cli import add_config_flags, add_debug_flag, given_fields, run_command
 from unet_flax.config import PRESETS, SamplerConfig, TrainConfig, UNetConfig
 from unet_flax.errors import UsageError
-from unet_flax.parallel import DATA_AXIS, data_mesh, jit_driver
+from unet_flax.parallel import DATA_AXIS, compile_step, data_mesh, jit_driver
 from unet_flax.samplers import make_plan
 from unet_flax.sampling import generate
 from unet_flax.torch_format import flax_to_torch
@@ -90,7 +90,8 @@ class JaxStep:
 
     def __init__(self, config: TrainConfig, devices: list):
         mesh = data_mesh(devices)
-        self.step_fn = jit_driver(make_train_step(config), mesh)
+        self.step_fn = jit_driver(make_train_step(config, row_major_gradients=False), mesh,
+                                  xla_chooses_state_layout=True)
         state = create_train_state(config, jax.random.PRNGKey(0))
         self.params_host = jax.device_get(state.params)
         self.state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -99,7 +100,7 @@ class JaxStep:
         self.rng = jax.random.PRNGKey(1)
         self.device = devices[0]
         start = time.perf_counter()
-        self.compiled = self.step_fn.lower(self.state, self.batch, self.rng).compile()
+        self.compiled, self.state = compile_step(self.step_fn, self.state, self.batch, self.rng)
         self.compile_s = time.perf_counter() - start
 
     def __call__(self) -> None:

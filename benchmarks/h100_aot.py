@@ -110,7 +110,7 @@ def lower_train_step(config: TrainConfig, device: jax.Device) -> jax.stages.Lowe
     mesh = Mesh([device], (DATA_AXIS,))
     state, batch, rng = step_arguments(config)
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-    step = jit_driver(make_train_step(config), mesh)
+    step = jit_driver(make_train_step(config, row_major_gradients=False), mesh, xla_chooses_state_layout=True)
     return step.lower(abstract(state, replicated), abstract(batch, sharded), abstract(rng, replicated))
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.experimental.layout import Format, Layout
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .config.train_config import mesh_sizes
@@ -57,13 +58,36 @@ def pmap_driver(train_step: StepFn) -> StepFn:
 
 
 @functools.lru_cache(maxsize=STEP_FUNCTIONS_KEPT)
-def jit_driver(train_step: StepFn, mesh: Mesh) -> StepFn:
-    """`jax.jit` over a 1-D mesh: state replicated, batch sharded on its first axis with NamedSharding."""
+def jit_driver(train_step: StepFn, mesh: Mesh, xla_chooses_state_layout: bool = False) -> StepFn:
+    """`jax.jit` over a 1-D mesh: state replicated, batch sharded on its first axis with NamedSharding.
+
+    `xla_chooses_state_layout`: the state's layout in memory is XLA's choice (`Layout.AUTO`, the same in
+    and out). On a GPU the convolution kernels, their gradients and the optimiser's moments then stay in
+    cuDNN's filter layout, so the update runs in place without transposing anything (with
+    `make_train_step(..., row_major_gradients=False)`; docs/benchmarks.md). Such a step runs compiled,
+    from `compile_step`, which also moves the state into its layout."""
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+    state_sharding = Format(Layout.AUTO, replicated) if xla_chooses_state_layout else replicated
     per_device = jax.shard_map(train_step, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()),
                                out_specs=(P(), P()), check_vma=False)
-    return jax.jit(per_device, in_shardings=(replicated, sharded, replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=(0,))
+    return jax.jit(per_device, in_shardings=(state_sharding, sharded, replicated),
+                   out_shardings=(state_sharding, replicated), donate_argnums=(0,))
+
+
+def compile_step(step_fn: StepFn, state: Any, batch: Batch, rng: jax.Array) -> tuple[jax.stages.Compiled, Any]:
+    """A jitted step compiled for these arguments, and `state` in the memory layout the compiled step takes
+    it in: moved through the host where a leaf's layout differs (each process fills its own devices, so a
+    multi-host array too). The state is lowered from its shapes, which a layout left to XLA requires."""
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    compiled = step_fn.lower(shapes, batch, rng).compile()
+
+    def move(x: jax.Array, target: Format) -> jax.Array:
+        if x.format == target:
+            return x
+        value = local_value(x)
+        return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+
+    return compiled, jax.tree_util.tree_map(move, state, compiled.input_formats[0][0])
 
 
 def fsdp_mesh(mesh: str | None, devices: list | None = None) -> Mesh:
@@ -129,7 +153,8 @@ class Parallel:
             self.mesh = data_mesh()
             self.batch_sharding = NamedSharding(self.mesh, P(DATA_AXIS))
             self.step_fn = (pmap_driver(step_for(DATA_AXIS)) if kind == "pmap"
-                            else jit_driver(step_for(DATA_AXIS), self.mesh))
+                            else jit_driver(step_for(DATA_AXIS, row_major_gradients=False), self.mesh,
+                                            xla_chooses_state_layout=True))
         else:
             raise ValueError(f"parallel must be 'pmap', 'jit' or 'fsdp', got {kind!r}")
         self.replicated = NamedSharding(self.mesh, P())
@@ -187,16 +212,23 @@ class Parallel:
                     for k, v in local_batch.items()}
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local_batch.items()}
 
-    def compile(self, state: Any, batch: Batch, rng: jax.Array) -> None:
+    def compile(self, state: Any, batch: Batch, rng: jax.Array) -> Any:
         """Compile the step for these arguments now rather than at its first call, so that processes
-        can wait for each other before its first collective (see job.py)."""
+        can wait for each other before its first collective (see job.py). The state, in the layout the
+        compiled step takes (the jit driver's is XLA's choice)."""
+        if self.kind == "jit":
+            self.step_fn, state = compile_step(self.step_fn, state, batch, rng)
+            return state
         compiled = self.step_fn.lower(state, batch, rng).compile()
         # Across processes, pmap's compiled step takes global arrays, not each process's: pmap's first
         # call compiles again, from the persistent compilation cache where one is set (train.py's).
         if self.kind != "pmap" or jax.process_count() == 1:
             self.step_fn = compiled
+        return state
 
     def step(self, state: Any, batch: Batch, rng: jax.Array) -> tuple[Any, Metrics]:
+        if self.kind == "jit" and not isinstance(self.step_fn, jax.stages.Compiled):
+            state = self.compile(state, batch, rng)  # its state's layout is XLA's: it runs compiled
         state, metrics = self.step_fn(state, batch, rng)
         if self.kind == "pmap":
             metrics = jax.tree_util.tree_map(first_replica, metrics)

@@ -287,7 +287,7 @@ def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, pa
     progress = tqdm(total=config.steps, initial=first_step, disable=not is_main, unit="step", dynamic_ncols=True)
     step, stopping, values = first_step, False, {}
     try:
-        parallel.compile(state, feed.peek(), rng)
+        state = parallel.compile(state, feed.peek(), rng)
         job.wait_for_all("train-step-compiled")
         for step in range(first_step + 1, config.steps + 1):
             state, step_metrics = parallel.step(state, next(feed), rng)

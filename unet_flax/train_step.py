@@ -97,21 +97,23 @@ NOT_READ_BY_THE_STEP = frozenset({
 _TRAIN_STEPS: dict[tuple, StepFn] = {}  # the newest few, oldest first
 
 
-def make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS) -> StepFn:
+def make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS, row_major_gradients: bool = True) -> StepFn:
     """The pure train step for this config (one function for configs that differ only in
     NOT_READ_BY_THE_STEP). With `axis_name`, it sees one device's share of the batch and averages over
-    that axis (pmap, shard_map); with None, the whole batch, however jit's shardings split it."""
+    that axis (pmap, shard_map); with None, the whole batch, however jit's shardings split it.
+    `row_major_gradients`: on a GPU, the gradients in the parameters' default layout (in_parameter_layout),
+    for a state in that layout; False where the driver lets XLA choose the state's layout (jit_driver)."""
     unread = NOT_READ_BY_THE_STEP | ({"steps"} if config.lr_schedule == "constant" else set())
-    key = (axis_name, *((field.name, getattr(config, field.name)) for field in dataclasses.fields(config)
-                        if field.name not in unread))
+    key = (axis_name, row_major_gradients, *((field.name, getattr(config, field.name))
+                                              for field in dataclasses.fields(config) if field.name not in unread))
     if key not in _TRAIN_STEPS:
         if len(_TRAIN_STEPS) >= STEP_FUNCTIONS_KEPT:
             del _TRAIN_STEPS[next(iter(_TRAIN_STEPS))]
-        _TRAIN_STEPS[key] = _make_train_step(config, axis_name)
+        _TRAIN_STEPS[key] = _make_train_step(config, axis_name, row_major_gradients)
     return _TRAIN_STEPS[key]
 
 
-def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS) -> StepFn:
+def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS, row_major_gradients: bool = True) -> StepFn:
     model = UNet(config.model)
     tx = make_optimizer(config)
     schedule = diffusion.make_schedule(config.noise_schedule, config.timesteps)
@@ -138,7 +140,8 @@ def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS) -> 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
-        grads = jax.lax.platform_dependent(grads, cuda=in_parameter_layout, default=lambda grads: grads)
+        if row_major_gradients:
+            grads = jax.lax.platform_dependent(grads, cuda=in_parameter_layout, default=lambda grads: grads)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -179,7 +182,9 @@ def in_parameter_layout(grads: Any) -> Any:
     """The gradients in the parameters' own (row-major) layout. On a GPU a convolution kernel's gradient leaves
     cuDNN in its filter layout, and an AdamW/EMA update computed in that layout transposes the optimiser state
     in and out, so it cannot overwrite the donated state in place: on an H100, 309 copies and 290 more kernels
-    per cifar10 step (docs/benchmarks.md). Not on a TPU, where row-major is not its tiled default layout."""
+    per cifar10 step (docs/benchmarks.md). Not on a TPU, where row-major is not its tiled default layout. A
+    driver that lets XLA choose the state's layout (jit_driver) does better without it: the state then lives
+    in cuDNN's filter layout, and neither the update nor the forward pass's casts transpose anything."""
     return jax.tree_util.tree_map(lambda g: with_layout_constraint(g, Layout(tuple(range(g.ndim)))), grads)
 
 
