@@ -85,7 +85,7 @@ def lower(case: Case, devices: list) -> jax.stages.Lowered:
         batch_spec = P((DATA_AXIS, FSDP_AXIS))
     else:
         mesh = data_mesh(devices)
-        step = jit_driver(make_train_step(config), mesh)
+        step = jit_driver(make_train_step(config, row_major_gradients=False), mesh, xla_chooses_state_layout=True)
         state_shardings = jax.tree_util.tree_map(lambda _: NamedSharding(mesh, P()), state)
         batch_spec = P(DATA_AXIS)
     replicated = NamedSharding(mesh, P())
