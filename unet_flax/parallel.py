@@ -82,10 +82,7 @@ def compile_step(step_fn: StepFn, state: Any, batch: Batch, rng: jax.Array) -> t
     compiled = step_fn.lower(shapes, batch, rng).compile()
 
     def move(x: jax.Array, target: Format) -> jax.Array:
-        if x.format == target:
-            return x
-        value = local_value(x)
-        return jax.make_array_from_callback(value.shape, target, lambda index: value[index])
+        return x if x.format == target else _place(local_value(x), target)
 
     return compiled, jax.tree_util.tree_map(move, state, compiled.input_formats[0][0])
 
@@ -238,8 +235,9 @@ class Parallel:
         return _place(value, self.replicated)
 
 
-def _place(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """The same host value in every process -> a global array (each process fills its own devices)."""
+def _place(value: np.ndarray, sharding: NamedSharding | Format) -> jax.Array:
+    """The same host value in every process -> a global array (each process fills its own devices), in
+    `sharding`'s memory layout where it is a Format."""
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
