@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import jax
+import psutil  # orbax-checkpoint's dependency
 import pytest
 
 from commands import ROOT, TINY, command_line, images_with_a_truncated_row, params_at, run_train, start_processes, summary, wait_for
@@ -57,14 +58,14 @@ def resume_in_two_processes(workdir, steps: int, driver: str) -> tuple[dict, lis
 
 
 def children_of(pids) -> set[int]:
-    """The multiprocessing children (data workers, the resource tracker) of `pids` (Linux's /proc)."""
+    """The multiprocessing descendants (data workers, the resource tracker) of `pids`."""
     children = set()
     for pid in pids:
-        for listing in Path(f"/proc/{pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                for child in listing.read_text().split():
-                    if b"multiprocessing" in Path(f"/proc/{child}/cmdline").read_bytes():
-                        children.add(int(child))
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "multiprocessing" in " ".join(child.cmdline()):
+                        children.add(child.pid)
     return children
 
 

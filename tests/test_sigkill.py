@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import psutil  # orbax-checkpoint's dependency
+import pytest
 
 from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train, start_processes, summary
 from unet_flax.checkpoint import complete_steps
@@ -55,34 +56,47 @@ def test_sigkill_at_three_moments_resumes_bit_identically(tmp_path):
     assert finished["step"] == 6 and finished["resumed_from"] == newest
 
 
-def test_a_killed_process_stops_the_other_within_60_s_and_the_restart_resumes(tmp_path):
-    """Two processes of a SLURM job step (told which process each is by the environment, not by flags);
-    process 0, which started the job's coordination service, gets SIGKILL (a lost host: it says nothing)
-    while the second checkpoint is written, when process 1 waits in the save's collectives, which fail at
-    once. Process 1 stops within 60 s, exit 1, its last line naming process 0 and the newest complete
-    checkpoint; nothing of the job is left running; the restart resumes from that checkpoint."""
+LOST = {
+    "process": r"process 0 was lost \(killed, or its host gone: the job's coordination service stopped hearing from "
+               r"it\)",
+    "host": r"process 0 was lost \(its host, which ran the job's coordination service, stopped answering; JAX's "
+            r"coordination client ended this process, above\)",
+}
+
+
+@pytest.mark.parametrize("lost", sorted(LOST))
+def test_a_lost_process_or_host_stops_the_other_within_60_s_and_the_restart_resumes(tmp_path, lost):
+    """Two processes of a SLURM job step (told which process each is by the environment, not by flags).
+    Process 0 gets SIGKILL while the second checkpoint is written, when process 1 waits in the save's
+    collectives, which fail at once: the process alone (its supervising parent, whose child follows it;
+    the job's coordination service, a process of its own, lives on), or its whole host (every process of
+    it, the service too, which makes JAX's client abort process 1's training process). Process 1 stops
+    within 60 s, exit 1, its last line naming process 0 and the newest complete checkpoint; nothing of the
+    job is left running; the restart resumes from that checkpoint."""
     workdir = tmp_path / "run"
     checkpoints = workdir / "checkpoints"
     procs = start_processes(workdir, 2, "--steps", "100000", "--save-every", "2", slurm=True)
     while not (complete_steps(checkpoints) and any("tmp" in path.name for path in checkpoints.iterdir())):
         assert all(proc.poll() is None for proc in procs), [proc.communicate()[1][-2000:] for proc in procs]
         time.sleep(0.01)
-    service_host = psutil.Process(procs[0].pid).children()
-    procs[0].send_signal(signal.SIGKILL)
+    process_0 = psutil.Process(procs[0].pid)
+    descendants = process_0.children(recursive=True)  # its training process and the service's
+    for process in [process_0, *(descendants if lost == "host" else [])]:
+        process.kill()
     killed = time.time()
     _, err = procs[1].communicate(timeout=120)
     assert time.time() - killed < 60, f"process 1 stopped {time.time() - killed:.0f} s after process 0 was killed"
     assert procs[1].returncode == 1, err[-3000:]
     last_line = err.strip().splitlines()[-1]
-    match = re.fullmatch(r"error: process 0 was lost \(killed, or its host gone: the job's coordination service "
-                         r"stopped hearing from it\); the last complete checkpoint is step (\d+); this process "
-                         r"stops too", last_line)
+    match = re.fullmatch(f"error: {LOST[lost]}; the last complete checkpoint is step (\\d+); this process stops too",
+                         last_line)
     assert match, err[-3000:]
     procs[0].communicate()
     last_saved = int(match.group(1))
     assert last_saved == complete_steps(checkpoints)[-1]
     resumed = summary(run_train(workdir, "--steps", last_saved + 1))
     assert resumed["resumed_from"] == last_saved and resumed["step"] == last_saved + 1
-    # The service outlived process 0 long enough for the others (30 s), then ended.
-    _, alive = psutil.wait_procs(service_host, timeout=60)
+    # Process 0's training process followed its parent at once; the service outlived them long enough
+    # for the others (30 s), then ended.
+    _, alive = psutil.wait_procs(descendants, timeout=60)
     assert not alive

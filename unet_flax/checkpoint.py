@@ -149,6 +149,13 @@ def complete_steps(directory: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
+def last_complete_step(workdir: str | Path) -> int | None:
+    """The newest step of the workdir's complete checkpoints (see complete_steps); None: none, or unreadable."""
+    with contextlib.suppress(OSError):  # the workdir's disk may be what failed
+        return (complete_steps(checkpoint_directory(workdir)) or [None])[-1]
+    return None
+
+
 RESTORE_LOG = "restore_errors.log"
 
 

@@ -16,11 +16,13 @@ import multiprocessing.synchronize
 import multiprocessing.util
 import os
 import signal
+import site
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -79,15 +81,29 @@ def _from_cluster_environment(coordinator_address: str | None, num_processes: in
         coordinator_address, num_processes, process_id, None, None, INITIALIZATION_TIMEOUT_S)
 
 
+def cluster_coordinator_address() -> str | None:
+    """The job's coordinator address as the cluster's environment gives it (ValueError: no cluster)."""
+    return _from_cluster_environment(None, None, None)[0]
+
+
 _service_host: subprocess.Popen | None = None
 
 
 def _start_service_host(bind_address: str, num_processes: int) -> None:
     global _service_host
     # Its own session: a Ctrl-C to the job's terminal stops the job's processes, which then leave the service.
-    _service_host = subprocess.Popen([sys.executable, "-m", "unet_flax.job", bind_address, str(num_processes)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     text=True, start_new_session=True)
+    _service_host = start_module("unet_flax.job", bind_address, str(num_processes), stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def start_module(module: str, *args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """`python -m module args` in a process of its own, with this process's environment and `env`, importing
+    this package from where this process did (a checkout run as `python path/to/train.py` too)."""
+    environment = {**os.environ, **(env or {})}
+    package_root = str(Path(__file__).resolve().parents[1])
+    if package_root not in (*site.getsitepackages(), site.getusersitepackages()):
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, environment.get("PYTHONPATH")]))
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=environment, **popen)
 
 
 def _free_port() -> int:
@@ -291,14 +307,17 @@ class PeerFailures:
         return {int(key.rsplit("/", 1)[-1]): value for key, value in self.client.key_value_dir_get(directory)}
 
     def _stop(self, process: int, what: str) -> None:
-        last = None
-        with contextlib.suppress(OSError):  # the workdir's disk may be what failed
-            last = self.last_checkpoint()
-        checkpoint = "no checkpoint was written yet" if last is None else f"the last complete checkpoint is step {last}"
         below_progress_bar = "\n" if jax.process_index() == 0 else ""
-        print(f"{below_progress_bar}error: process {process} {what}; {checkpoint}; this process stops too",
-              file=sys.stderr, flush=True)
+        print(below_progress_bar + stop_line(f"process {process} {what}", self.last_checkpoint()), file=sys.stderr,
+              flush=True)
         end_failed_job(1)
+
+
+def stop_line(what: str, last_checkpoint: int | None) -> str:
+    """The last line of a process that stops because `what` happened elsewhere in the job."""
+    checkpoint = ("no checkpoint was written yet" if last_checkpoint is None
+                  else f"the last complete checkpoint is step {last_checkpoint}")
+    return f"error: {what}; {checkpoint}; this process stops too"
 
 
 # How the runtime's errors begin when a peer went away in a collective (gloo: UNKNOWN; NCCL and gRPC:

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import input_pipeline, job
-from .checkpoint import Checkpoints, abstract_checkpoint, checkpoint_directory, complete_steps, restore_newest_good
+from .checkpoint import Checkpoints, abstract_checkpoint, last_complete_step, restore_newest_good
 from .config import SamplingConfig, TrainConfig, fit_to_data
 from .errors import DataError, TrainingError
 from .parallel import Batch, Parallel, local_value
@@ -225,8 +225,7 @@ def train(config: TrainConfig, workdir: str | Path | None = None) -> dict[str, A
         job.join_job(config.coordinator_address, config.num_processes, config.process_id)
     if jax.process_count() == 1:
         return _run(config, start)
-    directory = checkpoint_directory(config.workdir)
-    peers = job.PeerFailures(lambda: (complete_steps(directory) or [None])[-1])
+    peers = job.PeerFailures(functools.partial(last_complete_step, config.workdir))
     try:
         summary = _run(config, start)
     except BaseException as error:

@@ -15,7 +15,7 @@ import traceback
 
 import jax
 
-from unet_flax import job, train_loop
+from unet_flax import job, supervisor, train_loop
 from unet_flax.checkpoint import saved_config
 from unet_flax.cli import build_train_parser, given_fields, run_command
 from unet_flax.config import PRESETS, TrainConfig, UNetConfig, resolve_config
@@ -34,6 +34,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_train_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    given = given_fields(args, TrainConfig, UNetConfig)
+    if given.get("distributed") and not supervisor.follow_supervisor():  # before JAX's backends start
+        workdir = given.get("workdir") or PRESETS[args.preset or "digits"].workdir
+        return supervisor.supervise("unet_flax.scripts.train",
+                                    sys.argv[1:] if argv is None else argv, workdir, given.get("coordinator_address"))
     use_compilation_cache()
     try:
         code = run_command(run, args, (TrainingError, SaveError, DataError))
