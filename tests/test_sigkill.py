@@ -4,13 +4,16 @@ stop and say which process was lost."""
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 
 import psutil  # orbax-checkpoint's dependency
 import pytest
 
-from commands import ROOT, TINY, assert_bit_identical, command_line, params_at, run_train, start_processes, summary
+from commands import (ROOT, TINY, assert_bit_identical, command_line, free_port, params_at, run_train, start_processes,
+                      summary)
+from unet_flax import supervisor
 from unet_flax.checkpoint import complete_steps
 
 # One kill during the first checkpoint write, then one after each of two later saves: each costs a
@@ -100,3 +103,35 @@ def test_a_lost_process_or_host_stops_the_other_within_60_s_and_the_restart_resu
     # for the others (30 s), then ended.
     _, alive = psutil.wait_procs(descendants, timeout=60)
     assert not alive
+
+
+@pytest.mark.parametrize("ending,service", [
+    ("sys.exit(3)", None), ("os.kill(os.getpid(), signal.SIGSEGV)", None),
+    ("os.abort()", "gone"), ("os.abort()", "answering")])
+def test_the_supervisor_passes_exit_codes_on_and_names_what_ended_its_child(tmp_path, monkeypatch, capfd, ending,
+                                                                             service):
+    """train.py --distributed's parent (unet_flax.supervisor) around a child that exits, crashes, or aborts as
+    JAX's coordination client does when the job's service is gone (nothing listening at the coordinator's
+    address) or for another reason (the service answers): the child's code, or one line, last, exit 1."""
+    (tmp_path / "ending.py").write_text(f"import os, signal, sys\n{ending}\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "6").mkdir(parents=True)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1] if service == "answering" else free_port()
+        code = supervisor.supervise("ending", [], str(workdir), f"127.0.0.1:{port}")
+    last_line = (capfd.readouterr().err.strip().splitlines() or [""])[-1]
+    if ending == "sys.exit(3)":
+        assert code == 3 and last_line == ""
+        return
+    assert code == 1
+    if service == "gone":
+        assert last_line.startswith("error: process 0 was lost (its host, which ran the job's coordination service, "
+                                    "stopped answering;") and last_line.endswith(
+                                    "the last complete checkpoint is step 6; this process stops too"), last_line
+    else:
+        signal_name = "SIGSEGV" if "SIGSEGV" in ending else "SIGABRT"
+        assert last_line == (f"error: the training process was ended by {signal_name}; the last complete "
+                             f"checkpoint is step 6"), last_line

@@ -315,9 +315,13 @@ class PeerFailures:
 
 def stop_line(what: str, last_checkpoint: int | None) -> str:
     """The last line of a process that stops because `what` happened elsewhere in the job."""
-    checkpoint = ("no checkpoint was written yet" if last_checkpoint is None
-                  else f"the last complete checkpoint is step {last_checkpoint}")
-    return f"error: {what}; {checkpoint}; this process stops too"
+    return f"error: {what}; {checkpoint_phrase(last_checkpoint)}; this process stops too"
+
+
+def checkpoint_phrase(last_checkpoint: int | None) -> str:
+    """What a run that stops has on disk to resume from."""
+    return ("no checkpoint was written yet" if last_checkpoint is None
+            else f"the last complete checkpoint is step {last_checkpoint}")
 
 
 # How the runtime's errors begin when a peer went away in a collective (gloo: UNKNOWN; NCCL and gRPC:

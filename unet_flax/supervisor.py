@@ -59,14 +59,13 @@ def supervise(module: str, argv: list[str], workdir: str, coordinator_address: s
 
 
 def explain_signal(number: int, workdir: str, coordinator_address: str | None) -> str:
-    """The line for a child that `number` ended: the job's coordination service gone (the usual SIGABRT), or
-    the signal by name."""
+    """The line for a child that `number` ended: process 0's host lost with the job's coordination service (the
+    usual SIGABRT), or the signal by name (an out-of-memory kill, a crash)."""
+    last = last_complete_step(workdir)
     if number == signal.SIGABRT and not _answers(coordinator_address):
-        what = ("process 0 was lost (its host, which ran the job's coordination service, stopped answering; JAX's "
-                "coordination client ended this process, above)")
-    else:
-        what = f"this process was ended by {signal.Signals(number).name} (its output is above)"
-    return job.stop_line(what, last_complete_step(workdir))
+        return job.stop_line("process 0 was lost (its host, which ran the job's coordination service, stopped "
+                             "answering; JAX's coordination client ended this process, above)", last)
+    return f"error: the training process was ended by {signal.Signals(number).name}; {job.checkpoint_phrase(last)}"
 
 
 def _answers(address: str | None, timeout_s: float = 5.0) -> bool:
