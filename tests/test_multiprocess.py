@@ -96,7 +96,10 @@ def test_two_processes_stop_together_resume_and_match_one_process(tmp_path, driv
         assert resumed["resumed_from"] == stopped and resumed["step"] == stopped + 2
     one_process = tmp_path / "one_process"
     run_train(one_process, "--steps", str(stopped + 2))
-    assert_same_state(params_at(workdir, stopped + 2), params_at(one_process, stopped + 2), 1e-5)
+    # The two runs sum gradients in different orders (gloo across processes, one process's all-reduce), and
+    # Adam turns the rounding of nearly cancelling bias gradients into differences of 5e-6 to 1.03e-5 of a
+    # leaf's largest value at step 4 (conv2 and skip biases; which leaves depends on how the norm is summed).
+    assert_same_state(params_at(workdir, stopped + 2), params_at(one_process, stopped + 2), 2e-5)
 
 
 def test_sigterm_saves_and_the_next_run_resumes(tmp_path):

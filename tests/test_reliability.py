@@ -16,7 +16,7 @@ from unet_flax.checkpoint import Checkpoints, damage_description, is_damage, loa
 
 from commands import (assert_bit_identical, images_with_a_truncated_row, params_at, run_process, run_train, snapshot,
                       summary)
-from parity import rel_error
+from parity import rel_error, without_key_biases
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,8 @@ def test_a_checkpoint_of_the_previous_layout_restores_and_resumes(tmp_path):
     were reorganised (when the loop was `trainer`, the step `training` and the config `train_config`).
     Sampling's restore reads step 4's EMA parameters bit for bit; with step 4 removed, the run resumes from
     step 2 and reaches step 4's state to float32 rounding (XLA:CPU's code, and so the last bits, differ
-    between CPUs)."""
+    between CPUs; the attention key biases aside, whose zero gradients' rounding noise Adam amplifies: see
+    without_key_biases)."""
     fixture = Path(__file__).parent / "fixtures" / "previous_layout"
     saved = params_at(fixture, 4)
     ema, _, step = load_params(fixture, 4)
@@ -244,5 +245,5 @@ def test_a_checkpoint_of_the_previous_layout_restores_and_resumes(tmp_path):
     shutil.rmtree(workdir / "checkpoints" / "4")
     resumed = summary(run_train(workdir, "--steps", "4"))
     assert resumed["resumed_from"] == 2 and resumed["step"] == 4
-    errors = jax.tree_util.tree_map(rel_error, params_at(workdir, 4), saved)
+    errors = jax.tree_util.tree_map(rel_error, without_key_biases(params_at(workdir, 4)), without_key_biases(saved))
     assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
