@@ -93,7 +93,8 @@ def _start_service_host(bind_address: str, num_processes: int) -> None:
     global _service_host
     # Its own session: a Ctrl-C to the job's terminal stops the job's processes, which then leave the service.
     _service_host = start_module("unet_flax.job", bind_address, str(num_processes), stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                                 start_new_session=True)
 
 
 def start_module(module: str, *args: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:

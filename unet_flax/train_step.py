@@ -52,7 +52,8 @@ def decays(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(config: TrainConfig, norm: Callable[[Any], jax.Array] = optax.tree.norm) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig,
+                   norm: Callable[[Any], jax.Array] = optax.tree.norm) -> optax.GradientTransformation:
     """Clipping by the global `norm`, AdamW with decoupled weight decay on the kernels (`decays`)."""
     clip = clip_by_global_norm(config.grad_clip, norm) if config.grad_clip > 0 else optax.identity()
     return optax.chain(clip, optax.adamw(learning_rate(config), b1=config.adam_b1, b2=config.adam_b2,
@@ -70,6 +71,9 @@ def clip_by_global_norm(max_norm: float, norm: Callable[[Any], jax.Array]) -> op
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
+SMALL_LEAF_SIZE = 4096  # values: a bias or a GroupNorm scale, not a kernel
+
+
 def whole_leaves_norm(tree: Any) -> jax.Array:
     """optax.tree.norm, with the small leaves (biases, GroupNorm's scales: two thirds of the U-Net's leaves, 0.2% of
     its values) summed as one concatenation: one kernel on a GPU, where a sum per leaf is a kernel per leaf. The
@@ -81,9 +85,6 @@ def whole_leaves_norm(tree: Any) -> jax.Array:
     if small:
         squares.append(jnp.sum(jnp.square(jax.lax.optimization_barrier(jnp.concatenate(small)))))
     return jnp.sqrt(sum(squares))
-
-
-SMALL_LEAF_SIZE = 4096
 
 
 def ema_decay(max_decay: float, applied_steps: jax.Array | int) -> jax.Array | float:
@@ -141,7 +142,8 @@ def make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS, row_
     return _TRAIN_STEPS[key]
 
 
-def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS, row_major_gradients: bool = True) -> StepFn:
+def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS,
+                     row_major_gradients: bool = True) -> StepFn:
     model = UNet(config.model)
     norm = optax.tree.norm if axis_name is None else whole_leaves_norm
     tx = make_optimizer(config, norm)
