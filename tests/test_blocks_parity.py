@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import unet_flax as uf
-from unet_flax import reference as ref
+from unet_flax import model, reference as ref
 
 from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
@@ -214,3 +214,19 @@ def test_sinusoid_matches_reference():
         flax_embedding = np.asarray(uf.timestep_embedding(t, dim))
         torch_embedding = ref.timestep_embedding(torch.from_numpy(t), dim).numpy()
         np.testing.assert_allclose(flax_embedding, torch_embedding, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("keep_rate", [0.9, 0.5])
+def test_dropout_mask_keeps_values_independently_at_its_rate(keep_rate):
+    """dropout_mask: the share kept is the keep rate, and two values are kept together as often as
+    independent draws are (keep_rate**2), whether neighbours along any axis or the same value under another
+    key; the same key gives the same mask. Bounds: 5 standard deviations of the binomial count."""
+    shape = (8, 16, 12, 48)  # 73728 values
+    first, second = (model.dropout_mask(model.dropout_seed(jax.random.key(k)), keep_rate, shape) for k in (0, 1))
+    keep, other = np.asarray(first), np.asarray(second)
+    assert abs(keep.mean() - keep_rate) <= 5 * np.sqrt(keep_rate * (1 - keep_rate) / keep.size)
+    both = keep_rate ** 2
+    for a, b in [(keep[1:], keep[:-1]), (keep[:, 1:], keep[:, :-1]), (keep[:, :, 1:], keep[:, :, :-1]),
+                 (keep[..., 1:], keep[..., :-1]), (keep, other)]:
+        assert abs((a & b).mean() - both) <= 5 * np.sqrt(both * (1 - both) / a.size)
+    np.testing.assert_array_equal(model.dropout_mask(model.dropout_seed(jax.random.key(0)), keep_rate, shape), keep)

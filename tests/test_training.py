@@ -16,8 +16,8 @@ from unet_flax.config import SamplerConfig, TrainConfig
 from unet_flax.model import init_params
 from unet_flax.parallel import Parallel, data_mesh, fsdp_spec, jit_driver, local_value
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
-from unet_flax.train_step import (NOT_READ_BY_THE_STEP, SMALL_LEAF_SIZE, _make_train_step, clip_by_global_norm,
-                                  create_train_state, learning_rate, make_optimizer, make_train_step, whole_leaves_norm)
+from unet_flax.train_step import (NOT_READ_BY_THE_STEP, _make_train_step, clip_by_global_norm, create_train_state,
+                                  learning_rate, make_optimizer, make_train_step, partial_sums_norm)
 
 from parity import rel_error, without_key_biases
 
@@ -199,16 +199,16 @@ def test_remat_changes_neither_parameters_nor_training():
 
 @pytest.mark.parametrize("scale", [0.5, 50.0], ids=["under the limit", "clipped"])
 def test_the_drivers_global_norm_and_clipping_are_optaxs(scale):
-    """whole_leaves_norm (small leaves summed as one concatenation) equals optax.tree.norm on a U-Net's
-    gradient-shaped tree, large and small leaves, and clip_by_global_norm with it clips as optax's does."""
+    """partial_sums_norm (each leaf summed over all but its last axis, then all at once) equals optax.tree.norm
+    on a U-Net's gradient-shaped tree, kernels of 2 and 4 axes and biases, and clip_by_global_norm with it
+    clips as optax's does."""
     params = init_params(dataclasses.replace(TINY, base_channels=64, num_groups=8), jax.random.key(3))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(4), len(leaves))
     grads = treedef.unflatten([scale * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
-    sizes = [leaf.size for leaf in leaves]
-    assert min(sizes) < SMALL_LEAF_SIZE <= max(sizes)
-    np.testing.assert_allclose(jax.jit(whole_leaves_norm)(grads), optax.tree.norm(grads), rtol=1e-6)
-    ours, _ = jax.jit(clip_by_global_norm(1000.0, whole_leaves_norm).update)(grads, optax.EmptyState())
+    assert {leaf.ndim for leaf in leaves} == {1, 2, 4}
+    np.testing.assert_allclose(jax.jit(partial_sums_norm)(grads), optax.tree.norm(grads), rtol=1e-6)
+    ours, _ = jax.jit(clip_by_global_norm(1000.0, partial_sums_norm).update)(grads, optax.EmptyState())
     optaxs, _ = optax.clip_by_global_norm(1000.0).update(grads, optax.EmptyState())
     assert (optax.tree.norm(grads) > 1000.0) == (scale > 1)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, optaxs)

@@ -47,7 +47,7 @@ class GroupNorm(nn.Module):
 
 
 # What group_norm_activation keeps for the backward pass, besides its inputs.
-GROUP_STATISTICS, ACTIVATION_SLOPE = "group_statistics", "activation_slope"
+GROUP_STATISTICS = "group_statistics"
 
 
 def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tuple[Array, Array] | None,
@@ -55,29 +55,32 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
                           activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0) -> Array:
     """GroupNorm of NHWC `x` with per-channel `scale` and `bias`, then `* (1 + s) + t` for a (B, 1, 1, C)
     `scale_shift` pair (s, t), then the elementwise `activation`, then dropout at `dropout_rate` drawn
-    from `dropout_key` (flax.linen.Dropout's arithmetic): float32 inside, rounded to `dtype` once.
+    from `dropout_key` (`dropout_mask`; kept values scaled by 1 / (1 - rate), as flax.linen.Dropout does):
+    float32 inside, rounded to `dtype` once.
 
     One fused operation in both modes of differentiation (jvp and jacfwd as well as grad). Its derivative
     is written out, a jax.custom_jvp whose tangent is linear, so JAX transposes it for reverse mode, and
-    checkpointed to keep only the input, three numbers per group and the activation's slope (its
-    derivative with dropout's mask applied, in `dtype`): the backward pass reads the activations twice,
-    once for all its sums and once for the input's gradient, and recomputes the rest elementwise.
+    checkpointed to keep only the input and three numbers per group: the backward pass reads the input and
+    the output's gradient twice, once for all its sums and once for the input's gradient, and recomputes
+    the rest (the normalised input, the activation's derivative, dropout's mask) inside both kernels.
     Differentiated op by op, the float32 normalised, modulated and activated maps and dropout's mask
     were kept and read back, and every sum was a pass of its own: the largest memory traffic of a
-    bfloat16 train step on a GPU (docs/benchmarks.md).
+    bfloat16 train step on a GPU. Keeping the activation's derivative (2 bytes a value) for the backward
+    pass still cost the cifar10 step on an H100 2.6 GB of its 14.6 GB of memory traffic and 0.8 GB of its
+    3.1 GB of scratch memory (docs/benchmarks.md).
     """
     zeros = jnp.zeros((1, 1, 1, x.shape[-1]), jnp.float32)
     time_scale, time_shift = (zeros, zeros) if scale_shift is None else scale_shift
     return _group_norm_activation(x, scale, bias, time_scale, time_shift,
-                                  jax.random.key(0) if dropout_key is None else dropout_key,
+                                  jnp.zeros(2, jnp.uint32) if dropout_key is None else dropout_seed(dropout_key),
                                   num_groups, epsilon, jnp.dtype(dtype), activation, dropout_rate)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _fused(x, scale, bias, time_scale, time_shift, dropout_key, num_groups, epsilon, dtype, activation,
+def _fused(x, scale, bias, time_scale, time_shift, dropout_seed, num_groups, epsilon, dtype, activation,
            dropout_rate):
-    normalized, _ = _normalize(x, num_groups, epsilon)
-    return _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_key, activation,
+    normalized, _ = _normalize(x, _group_statistics(x, num_groups, epsilon), num_groups)
+    return _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_seed, activation,
                      dropout_rate)[0].astype(dtype)
 
 
@@ -92,37 +95,42 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
     real part is q + n p: one pass over the activations each, forward and (transposed) backward. As two
     real sums, XLA computes one and writes the other's float32 operand out for a second kernel.
     """
-    x, scale, bias, time_scale, time_shift, dropout_key = primals
+    x, scale, bias, time_scale, time_shift, seed = primals
     dx, dscale, dbias, dtime_scale, dtime_shift, _ = tangents
-    normalized, inverse_std = _normalize(x, num_groups, epsilon)
-    out, slope = _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_key, activation,
+    statistics = _group_statistics(x, num_groups, epsilon)
+    normalized, inverse_std = _normalize(x, statistics, num_groups)
+    out, slope = _activate(_modulate(normalized, scale, bias, time_scale, time_shift), seed, activation,
                            dropout_rate)
-    # Kept for the backward pass, in `dtype`: recomputed (an exponential and dropout's random bits) it is
-    # wanted by both of the backward pass's kernels, and XLA writes it out in float32 rather than twice.
-    slope = checkpoint_name(slope.astype(dtype), ACTIVATION_SLOPE).astype(jnp.float32)
-    one_and_normalized = jax.lax.complex(jnp.ones_like(normalized), normalized)
+    # The same n and k again, from the input behind a barrier: the backward pass's two kernels each
+    # recompute them from x (an exponential, dropout's random bits) instead of sharing one copy that
+    # XLA would write out in float32 and read back twice.
+    x_apart, seed_apart = jax.lax.optimization_barrier((x, seed))
+    normalized_apart, _ = _normalize(x_apart, statistics, num_groups)
+    _, slope_apart = _activate(_modulate(normalized_apart, scale, bias, time_scale, time_shift), seed_apart,
+                               activation, dropout_rate)
     per_sample = (x.shape[0], 1, 1, x.shape[-1])  # coefficients per (sample, channel), so the sums are too
     one_plus_s = 1 + time_scale.astype(jnp.float32)
     a = jnp.broadcast_to(one_plus_s * scale * inverse_std, per_sample)
     dx = dx.astype(jnp.float32)
-    means = _group_mean(dx * one_and_normalized, num_groups)  # mean(dx) + i mean(n dx)
+    means = _group_mean(dx * jax.lax.complex(jnp.ones_like(normalized), normalized), num_groups)  # mean(dx) + i mean(n dx)
     dtime_scale, dtime_shift = dtime_scale.astype(jnp.float32), dtime_shift.astype(jnp.float32)
     q = -a * jnp.real(means) + jnp.broadcast_to(one_plus_s * dbias + bias * dtime_scale + dtime_shift, per_sample)
     p = -a * jnp.imag(means) + jnp.broadcast_to(one_plus_s * dscale + scale * dtime_scale, per_sample)
-    dm = a * dx + jnp.real(jax.lax.complex(q, -p) * one_and_normalized)
-    return out.astype(dtype), (slope * dm).astype(dtype)
+    from_params_and_means = jnp.real(jax.lax.complex(q, -p) * jax.lax.complex(jnp.ones_like(normalized_apart),
+                                                                               normalized_apart))
+    return out.astype(dtype), (slope * (a * dx) + slope_apart * from_params_and_means).astype(dtype)
 
 
 _group_norm_activation = jax.checkpoint(
     _fused, static_argnums=(6, 7, 8, 9, 10),
-    policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS, ACTIVATION_SLOPE))
+    policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS))
 
 
-def _normalize(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array]:
-    """(x - group mean) / std as float32 in x's shape, and 1 / std per (sample, channel), (B, 1, 1, C)."""
-    shifted = _shifted_groups(x, num_groups)
-    mean, inverse_std = _group_statistics(shifted, epsilon)
-    normalized = ((shifted - mean) * inverse_std).reshape(x.shape)
+def _normalize(x: Array, statistics: tuple[Array, Array, Array], num_groups: int) -> tuple[Array, Array]:
+    """(x - group mean) / std as float32 in x's shape, from `_group_statistics`, and 1 / std per
+    (sample, channel), (B, 1, 1, C)."""
+    shift, mean, inverse_std = statistics
+    normalized = ((_groups(x, num_groups) - shift - mean) * inverse_std).reshape(x.shape)
     return normalized, _per_channel(inverse_std.reshape(x.shape[0], 1, 1, num_groups), x.shape[-1])
 
 
@@ -143,19 +151,54 @@ def _modulate(normalized: Array, scale: Array, bias: Array, time_scale: Array, t
     return (normalized * scale + bias) * (1 + time_scale.astype(jnp.float32)) + time_shift.astype(jnp.float32)
 
 
-def _activate(h: Array, dropout_key: Array, activation: Callable[[Array], Array] | None,
+def _activate(h: Array, seed: Array, activation: Callable[[Array], Array] | None,
               dropout_rate: float) -> tuple[Array, Array]:
     """activation(h) with dropout, and its elementwise derivative (the mask's scale included)."""
     out, slope = (h, jnp.ones_like(h)) if activation is None else jax.jvp(activation, (h,), (jnp.ones_like(h),))
     if dropout_rate > 0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, h.shape)
+        keep = dropout_mask(seed, 1.0 - dropout_rate, h.shape)
         out = jax.lax.select(keep, out / (1.0 - dropout_rate), jnp.zeros_like(out))
         slope = jax.lax.select(keep, slope / (1.0 - dropout_rate), jnp.zeros_like(slope))
     return out, slope
 
 
-def _shifted_groups(x: Array, num_groups: int) -> Array:
-    """x as float32 groups (B, H*W, G, C/G), each shifted by one of its own samples.
+def dropout_seed(key: Array) -> Array:
+    """The two words `dropout_mask` hashes, drawn from a JAX random key."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def dropout_mask(seed: Array, keep_rate: float, shape: tuple[int, ...]) -> Array:
+    """Which values of a (B, ...) array dropout keeps, each with probability `keep_rate` (to 2**-24): a
+    counter-based hash of the value's sample, its position in the sample (modulo 2**32) and the two words of
+    `seed` (`dropout_seed`).
+
+    A few integer operations per value, which XLA recomputes inside every kernel that needs the mask (the
+    forward pass and both of the backward pass's); jax.random.bernoulli's threefry (20 rounds) XLA computes
+    once and writes its mask out, an activation-sized boolean array read back by each.
+    """
+    sample = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    position = jnp.zeros(shape, jnp.uint32)
+    for axis in range(1, len(shape)):  # the value's index within its sample
+        position = position * np.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+    bits = _mix32(_mix32(position ^ seed[0]) + sample * np.uint32(0x9E3779B9) + seed[1])
+    return (bits >> 8) < np.uint32(round(keep_rate * (1 << 24)))
+
+
+def _mix32(x: Array) -> Array:
+    """A 32-bit integer hash whose every output bit depends on every input bit (lowbias32)."""
+    x = (x ^ (x >> 16)) * np.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * np.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _groups(x: Array, num_groups: int) -> Array:
+    """x as float32 groups (B, H*W, G, C/G)."""
+    return x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
+
+
+def _group_statistics(x: Array, num_groups: int, epsilon: float) -> tuple[Array, Array, Array]:
+    """Each group's shift (one of its own samples), mean after the shift and 1/sqrt(variance + eps),
+    from one pass over x.
 
     The shift makes the one-pass variance E[d^2] - E[d]^2 exact where it would otherwise cancel:
     activations far from zero relative to their spread (mean 5, std 1e-3) lose the variance to
@@ -164,16 +207,14 @@ def _shifted_groups(x: Array, num_groups: int) -> Array:
     GroupNorm does not change when its input is shifted, so the shift is held constant where this is
     differentiated (derivatives of the derivative): its exact derivative is zero.
     """
-    groups = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, x.shape[-1] // num_groups)
-    return groups - checkpoint_name(jax.lax.stop_gradient(groups[:, :1, :, :1]), GROUP_STATISTICS)
-
-
-def _group_statistics(shifted: Array, epsilon: float) -> tuple[Array, Array]:
-    """Each group's mean and 1/sqrt(variance + eps), from one pass over the shifted groups."""
+    groups = _groups(x, num_groups)
+    shift = jax.lax.stop_gradient(groups[:, :1, :, :1])
+    shifted = groups - shift
     # Two sums XLA fuses into one pass (as one variadic reduction, it writes the float32 groups out).
     mean = shifted.mean(axis=(1, 3), keepdims=True)
     variance = jnp.maximum(jnp.square(shifted).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
-    return checkpoint_name(mean, GROUP_STATISTICS), checkpoint_name(jax.lax.rsqrt(variance + epsilon), GROUP_STATISTICS)
+    return tuple(checkpoint_name(value, GROUP_STATISTICS)
+                 for value in (shift, mean, jax.lax.rsqrt(variance + epsilon)))
 
 
 def group_norm(num_groups: int, epsilon: float, dtype: Dtype, name: str | None = None) -> GroupNorm:

@@ -71,20 +71,15 @@ def clip_by_global_norm(max_norm: float, norm: Callable[[Any], jax.Array]) -> op
     return optax.GradientTransformation(optax.init_empty_state, update)
 
 
-SMALL_LEAF_SIZE = 4096  # values: a bias or a GroupNorm scale, not a kernel
-
-
-def whole_leaves_norm(tree: Any) -> jax.Array:
-    """optax.tree.norm, with the small leaves (biases, GroupNorm's scales: two thirds of the U-Net's leaves, 0.2% of
-    its values) summed as one concatenation: one kernel on a GPU, where a sum per leaf is a kernel per leaf. The
-    barrier keeps XLA from splitting the sum of the concatenation back into a sum per leaf. For leaves that each
-    device holds whole (pmap, the replicated jit); on sharded leaves the concatenation would gather them."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    small = [leaf.ravel() for leaf in leaves if leaf.size < SMALL_LEAF_SIZE]
-    squares = [jnp.sum(jnp.square(leaf)) for leaf in leaves if leaf.size >= SMALL_LEAF_SIZE]
-    if small:
-        squares.append(jnp.sum(jnp.square(jax.lax.optimization_barrier(jnp.concatenate(small)))))
-    return jnp.sqrt(sum(squares))
+def partial_sums_norm(tree: Any) -> jax.Array:
+    """optax.tree.norm as one sum: each leaf's squares summed over all but its last axis (a kernel per large
+    leaf on a GPU, where its whole sum takes two; a bias is its squares), then all of them at once (one kernel,
+    where the small leaves' sums were a kernel each). For leaves each device holds whole (pmap, the replicated
+    jit); on sharded leaves the concatenation would gather them."""
+    partial = [jnp.sum(jnp.square(leaf), axis=tuple(range(leaf.ndim - 1))).ravel()
+               for leaf in jax.tree_util.tree_leaves(tree)]
+    # The barrier keeps XLA from splitting the sum of the concatenation back into a sum per leaf.
+    return jnp.sqrt(jnp.sum(jax.lax.optimization_barrier(jnp.concatenate(partial))))
 
 
 def ema_decay(max_decay: float, applied_steps: jax.Array | int) -> jax.Array | float:
@@ -145,7 +140,7 @@ def make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS, row_
 def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS,
                      row_major_gradients: bool = True) -> StepFn:
     model = UNet(config.model)
-    norm = optax.tree.norm if axis_name is None else whole_leaves_norm
+    norm = optax.tree.norm if axis_name is None else partial_sums_norm
     tx = make_optimizer(config, norm)
     schedule = diffusion.make_schedule(config.noise_schedule, config.timesteps)
     lr = learning_rate(config)
