@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unet_flax import UNet, UNetConfig
-from unet_flax import reference as ref
+from unet_flax import model as unet_model, reference as ref
 
 from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
@@ -210,3 +210,28 @@ def test_forward_and_reverse_mode_agree_through_every_input():
     lhs = jnp.vdot(forward, cotangent)
     rhs = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(tangents), jax.tree_util.tree_leaves(reverse)))
     assert abs(lhs - rhs) <= 1e-5 * abs(lhs), (lhs, rhs)
+
+
+def test_the_backward_pass_that_recomputes_equals_the_one_that_keeps(monkeypatch):
+    """GroupNorm's backward pass recomputes the activation's slope on a GPU or TPU (model.RECOMPUTE_SLOPE_ON)
+    and keeps it on a CPU: both run here, on the CPU, and give the same gradient for every parameter and the
+    input, dropout on (float32)."""
+    _, config, _, model, params, _, (x, t, y, context) = build_case("class+context")
+    cotangent = np.random.default_rng(6).standard_normal((*x.shape[:3], config.out_channels)).astype(np.float32)
+
+    def gradients():
+        def f(params, x):
+            out = model.apply({"params": params}, x, t, y, context, train=True, rngs={"dropout": jax.random.key(4)})
+            return jnp.vdot(out, cotangent)
+        step = jax.jit(jax.grad(f, argnums=(0, 1))).lower(params, x).compile()
+        return step.as_text(), step(params, x)
+
+    kept_program, kept = gradients()
+    monkeypatch.setattr(unet_model, "RECOMPUTE_SLOPE_ON", (*unet_model.RECOMPUTE_SLOPE_ON, "cpu"))
+    jax.clear_caches()  # the traces of the fused GroupNorm read the setting: trace them again
+    recomputed_program, recomputed = gradients()
+    jax.clear_caches()  # and again after the test, with the setting restored
+    # SiLU's exponential computed again in each GroupNorm's backward pass where the slope is recomputed.
+    assert recomputed_program.count("exponential(") > kept_program.count("exponential(")
+    errors = jax.tree_util.tree_map(rel_error, recomputed, kept)
+    assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5, errors

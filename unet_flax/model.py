@@ -47,7 +47,9 @@ class GroupNorm(nn.Module):
 
 
 # What group_norm_activation keeps for the backward pass, besides its inputs.
-GROUP_STATISTICS = "group_statistics"
+GROUP_STATISTICS, ACTIVATION_SLOPE = "group_statistics", "activation_slope"
+# Where group_norm_activation's backward pass recomputes the activation's slope instead of keeping it.
+RECOMPUTE_SLOPE_ON = ("cuda", "rocm", "tpu")
 
 
 def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tuple[Array, Array] | None,
@@ -61,13 +63,13 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
     One fused operation in both modes of differentiation (jvp and jacfwd as well as grad). Its derivative
     is written out, a jax.custom_jvp whose tangent is linear, so JAX transposes it for reverse mode, and
     checkpointed to keep only the input and three numbers per group: the backward pass reads the input and
-    the output's gradient twice, once for all its sums and once for the input's gradient, and recomputes
-    the rest (the normalised input, the activation's derivative, dropout's mask) inside both kernels.
-    Differentiated op by op, the float32 normalised, modulated and activated maps and dropout's mask
-    were kept and read back, and every sum was a pass of its own: the largest memory traffic of a
-    bfloat16 train step on a GPU. Keeping the activation's derivative (2 bytes a value) for the backward
-    pass still cost the cifar10 step on an H100 2.6 GB of its 14.6 GB of memory traffic and 0.8 GB of its
-    3.1 GB of scratch memory (docs/benchmarks.md).
+    the output's gradient twice, once for all its sums and once for the input's gradient, and on a GPU or
+    TPU recomputes the rest (the normalised input, the activation's derivative, dropout's mask) inside both
+    kernels. Differentiated op by op, the float32 normalised, modulated and activated maps and dropout's
+    mask were kept and read back, and every sum was a pass of its own: the largest memory traffic of a
+    bfloat16 train step on a GPU. Keeping the activation's derivative (2 bytes a value) still cost the
+    cifar10 step on an H100 2.6 GB of its 14.6 GB of memory traffic and 0.8 GB of its 3.1 GB of scratch
+    memory; on a CPU it is kept, as recomputing it costs more there (docs/benchmarks.md).
     """
     zeros = jnp.zeros((1, 1, 1, x.shape[-1]), jnp.float32)
     time_scale, time_shift = (zeros, zeros) if scale_shift is None else scale_shift
@@ -101,13 +103,26 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
     normalized, inverse_std = _normalize(x, statistics, num_groups)
     out, slope = _activate(_modulate(normalized, scale, bias, time_scale, time_shift), seed, activation,
                            dropout_rate)
-    # The same n and k again, from the input behind a barrier: the backward pass's two kernels each
-    # recompute them from x (an exponential, dropout's random bits) instead of sharing one copy that
-    # XLA would write out in float32 and read back twice.
-    x_apart, seed_apart = jax.lax.optimization_barrier((x, seed))
-    normalized_apart, _ = _normalize(x_apart, statistics, num_groups)
-    _, slope_apart = _activate(_modulate(normalized_apart, scale, bias, time_scale, time_shift), seed_apart,
-                               activation, dropout_rate)
+
+    def recomputed(slope: Array) -> tuple[Array, Array, Array]:
+        # n and k again, from the input behind a barrier: each of the backward pass's two kernels recomputes
+        # them from x (an exponential, dropout's mask) instead of sharing one copy, which XLA would write out
+        # in float32 and read back twice. On accelerators (RECOMPUTE_SLOPE_ON), whose elementwise work waits on
+        # memory.
+        x_apart, seed_apart = jax.lax.optimization_barrier((x, seed))
+        normalized_apart, _ = _normalize(x_apart, statistics, num_groups)
+        _, slope_apart = _activate(_modulate(normalized_apart, scale, bias, time_scale, time_shift), seed_apart,
+                                   activation, dropout_rate)
+        return slope, normalized_apart, slope_apart
+
+    def kept(slope: Array) -> tuple[Array, Array, Array]:
+        # The slope kept in `dtype` for the backward pass: on a CPU recomputing its exponential costs more than
+        # reading it back (the digits step: 133 ms kept, 151 ms recomputed in both kernels, 145 ms once).
+        slope = checkpoint_name(slope.astype(dtype), ACTIVATION_SLOPE).astype(jnp.float32)
+        return slope, normalized, slope
+
+    slope, normalized_apart, slope_apart = jax.lax.platform_dependent(
+        slope, default=kept, **{platform: recomputed for platform in RECOMPUTE_SLOPE_ON})
     per_sample = (x.shape[0], 1, 1, x.shape[-1])  # coefficients per (sample, channel), so the sums are too
     one_plus_s = 1 + time_scale.astype(jnp.float32)
     a = jnp.broadcast_to(one_plus_s * scale * inverse_std, per_sample)
@@ -123,7 +138,7 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
 
 _group_norm_activation = jax.checkpoint(
     _fused, static_argnums=(6, 7, 8, 9, 10),
-    policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS))
+    policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS, ACTIVATION_SLOPE))
 
 
 def _normalize(x: Array, statistics: tuple[Array, Array, Array], num_groups: int) -> tuple[Array, Array]:
