@@ -214,8 +214,8 @@ def test_forward_and_reverse_mode_agree_through_every_input():
 
 def test_the_backward_pass_that_recomputes_equals_the_one_that_keeps(monkeypatch):
     """GroupNorm's backward pass recomputes the activation's slope on a GPU or TPU (model.RECOMPUTE_SLOPE_ON)
-    and keeps it on a CPU: both run here, on the CPU, and give the same gradient for every parameter and the
-    input, dropout on (float32)."""
+    and keeps it on a CPU: both run here, whatever the platform, and give the same gradient for every
+    parameter and the input, dropout on (float32)."""
     _, config, _, model, params, _, (x, t, y, context) = build_case("class+context")
     cotangent = np.random.default_rng(6).standard_normal((*x.shape[:3], config.out_channels)).astype(np.float32)
 
@@ -226,10 +226,13 @@ def test_the_backward_pass_that_recomputes_equals_the_one_that_keeps(monkeypatch
         step = jax.jit(jax.grad(f, argnums=(0, 1))).lower(params, x).compile()
         return step.as_text(), step(params, x)
 
-    kept_program, kept = gradients()
-    monkeypatch.setattr(unet_model, "RECOMPUTE_SLOPE_ON", (*unet_model.RECOMPUTE_SLOPE_ON, "cpu"))
-    jax.clear_caches()  # the traces of the fused GroupNorm read the setting: trace them again
-    recomputed_program, recomputed = gradients()
+    def with_recompute_on(platforms):
+        monkeypatch.setattr(unet_model, "RECOMPUTE_SLOPE_ON", platforms)
+        jax.clear_caches()  # the traces of the fused GroupNorm read the setting: trace them again
+        return gradients()
+
+    kept_program, kept = with_recompute_on(())
+    recomputed_program, recomputed = with_recompute_on(("cpu", "cuda", "rocm", "tpu"))
     jax.clear_caches()  # and again after the test, with the setting restored
     # SiLU's exponential computed again in each GroupNorm's backward pass where the slope is recomputed.
     assert recomputed_program.count("exponential(") > kept_program.count("exponential(")
