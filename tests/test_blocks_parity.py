@@ -220,13 +220,14 @@ def test_sinusoid_matches_reference():
 def test_dropout_mask_keeps_values_independently_at_its_rate(keep_rate):
     """dropout_mask: the share kept is the keep rate, and two values are kept together as often as
     independent draws are (keep_rate**2), whether neighbours along any axis or the same value under another
-    key; the same key gives the same mask. Bounds: 5 standard deviations of the binomial count."""
+    key (typed, raw, or a layer's, folded in as make_rng does); the same key gives the same mask. Bounds: 5
+    standard deviations of the binomial count."""
     shape = (8, 16, 12, 48)  # 73728 values
-    first, second = (model.dropout_mask(model.dropout_seed(jax.random.key(k)), keep_rate, shape) for k in (0, 1))
-    keep, other = np.asarray(first), np.asarray(second)
+    keys = [jax.random.key(0), jax.random.key(1), jax.random.PRNGKey(2), jax.random.fold_in(jax.random.key(0), 7)]
+    keep, *others = (np.asarray(model.dropout_mask(model.dropout_seed(key), keep_rate, shape)) for key in keys)
     assert abs(keep.mean() - keep_rate) <= 5 * np.sqrt(keep_rate * (1 - keep_rate) / keep.size)
     both = keep_rate ** 2
     for a, b in [(keep[1:], keep[:-1]), (keep[:, 1:], keep[:, :-1]), (keep[:, :, 1:], keep[:, :, :-1]),
-                 (keep[..., 1:], keep[..., :-1]), (keep, other)]:
+                 (keep[..., 1:], keep[..., :-1]), *((keep, other) for other in others)]:
         assert abs((a & b).mean() - both) <= 5 * np.sqrt(both * (1 - both) / a.size)
     np.testing.assert_array_equal(model.dropout_mask(model.dropout_seed(jax.random.key(0)), keep_rate, shape), keep)

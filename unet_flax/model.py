@@ -74,7 +74,7 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
     zeros = jnp.zeros((1, 1, 1, x.shape[-1]), jnp.float32)
     time_scale, time_shift = (zeros, zeros) if scale_shift is None else scale_shift
     return _group_norm_activation(x, scale, bias, time_scale, time_shift,
-                                  jnp.zeros(2, jnp.uint32) if dropout_key is None else dropout_seed(dropout_key),
+                                  jnp.zeros((), jnp.uint32) if dropout_key is None else dropout_seed(dropout_key),
                                   num_groups, epsilon, jnp.dtype(dtype), activation, dropout_rate)
 
 
@@ -178,13 +178,16 @@ def _activate(h: Array, seed: Array, activation: Callable[[Array], Array] | None
 
 
 def dropout_seed(key: Array) -> Array:
-    """The two words `dropout_mask` hashes, drawn from a JAX random key."""
-    return jax.random.bits(key, (2,), jnp.uint32)
+    """The 32-bit word `dropout_mask` hashes: the last word of a JAX random key's data, typed or raw (a raw
+    `PRNGKey(n)` ends in n). A layer's key from `make_rng` is a fold-in's output, random bits already: on a GPU
+    the one small kernel computing that word is all a layer's seed costs, where drawing words from the key
+    (threefry again) and reading both of the key's took three."""
+    return jax.random.key_data(key).ravel()[-1]
 
 
 def dropout_mask(seed: Array, keep_rate: float, shape: tuple[int, ...]) -> Array:
     """Which values of a (B, ...) array dropout keeps, each with probability `keep_rate` (to 2**-24): a
-    counter-based hash of the value's sample, its position in the sample (modulo 2**32) and the two words of
+    counter-based hash of the value's sample, its position in the sample (modulo 2**32) and the uint32
     `seed` (`dropout_seed`).
 
     A few integer operations per value, which XLA recomputes inside every kernel that needs the mask (the
@@ -195,7 +198,7 @@ def dropout_mask(seed: Array, keep_rate: float, shape: tuple[int, ...]) -> Array
     position = jnp.zeros(shape, jnp.uint32)
     for axis in range(1, len(shape)):  # the value's index within its sample
         position = position * np.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-    bits = _mix32(_mix32(position ^ seed[0]) + sample * np.uint32(0x9E3779B9) + seed[1])
+    bits = _mix32(_mix32(position ^ seed) + sample * np.uint32(0x9E3779B9) + seed)
     return (bits >> 8) < np.uint32(round(keep_rate * (1 << 24)))
 
 
