@@ -71,18 +71,17 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
     cifar10 step on an H100 2.6 GB of its 14.6 GB of memory traffic and 0.8 GB of its 3.1 GB of scratch
     memory; on a CPU it is kept, as recomputing it costs more there (docs/benchmarks.md).
     """
-    zeros = jnp.zeros((1, 1, 1, x.shape[-1]), jnp.float32)
-    time_scale, time_shift = (zeros, zeros) if scale_shift is None else scale_shift
-    return _group_norm_activation(x, scale, bias, time_scale, time_shift,
+    # No scale and shift is None, not zeros: zeros would reach the backward pass through the checkpoint's barrier,
+    # where XLA cannot fold them away and computes with them in small kernels of their own (49 per cifar10 step).
+    return _group_norm_activation(x, scale, bias, None if scale_shift is None else tuple(scale_shift),
                                   jnp.zeros((), jnp.uint32) if dropout_key is None else dropout_seed(dropout_key),
                                   num_groups, epsilon, jnp.dtype(dtype), activation, dropout_rate)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10))
-def _fused(x, scale, bias, time_scale, time_shift, dropout_seed, num_groups, epsilon, dtype, activation,
-           dropout_rate):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _fused(x, scale, bias, scale_shift, dropout_seed, num_groups, epsilon, dtype, activation, dropout_rate):
     normalized, _ = _normalize(x, _group_statistics(x, num_groups, epsilon), num_groups)
-    return _activate(_modulate(normalized, scale, bias, time_scale, time_shift), dropout_seed, activation,
+    return _activate(_modulate(normalized, scale, bias, scale_shift), dropout_seed, activation,
                      dropout_rate)[0].astype(dtype)
 
 
@@ -97,12 +96,11 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
     real part is q + n p: one pass over the activations each, forward and (transposed) backward. As two
     real sums, XLA computes one and writes the other's float32 operand out for a second kernel.
     """
-    x, scale, bias, time_scale, time_shift, seed = primals
-    dx, dscale, dbias, dtime_scale, dtime_shift, _ = tangents
+    x, scale, bias, scale_shift, seed = primals
+    dx, dscale, dbias, dscale_shift, _ = tangents
     statistics = _group_statistics(x, num_groups, epsilon)
     normalized, inverse_std = _normalize(x, statistics, num_groups)
-    out, slope = _activate(_modulate(normalized, scale, bias, time_scale, time_shift), seed, activation,
-                           dropout_rate)
+    out, slope = _activate(_modulate(normalized, scale, bias, scale_shift), seed, activation, dropout_rate)
 
     def recomputed(slope: Array) -> tuple[Array, Array, Array]:
         # n and k again, from the input behind a barrier: each of the backward pass's two kernels recomputes
@@ -111,8 +109,8 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
         # memory.
         x_apart, seed_apart = jax.lax.optimization_barrier((x, seed))
         normalized_apart, _ = _normalize(x_apart, statistics, num_groups)
-        _, slope_apart = _activate(_modulate(normalized_apart, scale, bias, time_scale, time_shift), seed_apart,
-                                   activation, dropout_rate)
+        _, slope_apart = _activate(_modulate(normalized_apart, scale, bias, scale_shift), seed_apart, activation,
+                                   dropout_rate)
         return slope, normalized_apart, slope_apart
 
     def kept(slope: Array) -> tuple[Array, Array, Array]:
@@ -124,20 +122,24 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
     slope, normalized_apart, slope_apart = jax.lax.platform_dependent(
         slope, default=kept, **{platform: recomputed for platform in RECOMPUTE_SLOPE_ON})
     per_sample = (x.shape[0], 1, 1, x.shape[-1])  # coefficients per (sample, channel), so the sums are too
-    one_plus_s = 1 + time_scale.astype(jnp.float32)
+    one_plus_s = 1.0 if scale_shift is None else 1 + scale_shift[0].astype(jnp.float32)
     a = jnp.broadcast_to(one_plus_s * scale * inverse_std, per_sample)
     dx = dx.astype(jnp.float32)
     means = _group_mean(dx * jax.lax.complex(jnp.ones_like(normalized), normalized), num_groups)  # mean(dx) + i mean(n dx)
-    dtime_scale, dtime_shift = dtime_scale.astype(jnp.float32), dtime_shift.astype(jnp.float32)
-    q = -a * jnp.real(means) + jnp.broadcast_to(one_plus_s * dbias + bias * dtime_scale + dtime_shift, per_sample)
-    p = -a * jnp.imag(means) + jnp.broadcast_to(one_plus_s * dscale + scale * dtime_scale, per_sample)
+    q_from_tangents, p_from_tangents = one_plus_s * dbias, one_plus_s * dscale
+    if scale_shift is not None:
+        dtime_scale, dtime_shift = (tangent.astype(jnp.float32) for tangent in dscale_shift)
+        q_from_tangents = q_from_tangents + bias * dtime_scale + dtime_shift
+        p_from_tangents = p_from_tangents + scale * dtime_scale
+    q = -a * jnp.real(means) + jnp.broadcast_to(q_from_tangents, per_sample)
+    p = -a * jnp.imag(means) + jnp.broadcast_to(p_from_tangents, per_sample)
     from_params_and_means = jnp.real(jax.lax.complex(q, -p) * jax.lax.complex(jnp.ones_like(normalized_apart),
                                                                                normalized_apart))
     return out.astype(dtype), (slope * (a * dx) + slope_apart * from_params_and_means).astype(dtype)
 
 
 _group_norm_activation = jax.checkpoint(
-    _fused, static_argnums=(6, 7, 8, 9, 10),
+    _fused, static_argnums=(5, 6, 7, 8, 9),
     policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS, ACTIVATION_SLOPE))
 
 
@@ -162,8 +164,12 @@ def _per_channel(per_group: Array, channels: int) -> Array:
     return expanded.reshape(*per_group.shape[:3], channels, *per_group.shape[4:])
 
 
-def _modulate(normalized: Array, scale: Array, bias: Array, time_scale: Array, time_shift: Array) -> Array:
-    return (normalized * scale + bias) * (1 + time_scale.astype(jnp.float32)) + time_shift.astype(jnp.float32)
+def _modulate(normalized: Array, scale: Array, bias: Array, scale_shift: tuple[Array, Array] | None) -> Array:
+    h = normalized * scale + bias
+    if scale_shift is None:
+        return h
+    time_scale, time_shift = scale_shift
+    return h * (1 + time_scale.astype(jnp.float32)) + time_shift.astype(jnp.float32)
 
 
 def _activate(h: Array, seed: Array, activation: Callable[[Array], Array] | None,
