@@ -50,6 +50,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: also runs under --gpu with JAX on the GPU; skipped there without one")
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: hand out files in LONGEST_FIRST's order
+        config.option.loadscopereorder = False
     # Before any backend starts; subprocesses inherit the variables.
     if config.getoption("--gpu"):
         # train.py and sample.py subprocesses share the GPU with this process: no up-front 75% grab.
@@ -70,12 +72,13 @@ def pytest_configure(config):
         use_xla_cpu_convolutions()
 
 
-# The test files by how long they take (1 to 6 minutes of a core each for the first ones, on 2 cores
-# without AVX-512), longest first: pytest-xdist hands out files in this order, and the workers then
-# finish at about the same time instead of one running the last long file alone.
-LONGEST_FIRST = ("test_multiprocess.py", "test_diffusers.py", "test_train_cli.py", "test_sigkill.py", "test_fsdp.py",
-                 "test_training.py", "test_reliability.py", "test_unet_parity.py", "test_bad_inputs.py",
-                 "test_bench.py", "test_nnx.py", "test_blocks_parity.py", "test_evaluation.py")
+# The test files by how long they take (20 s to 2.6 min each on 2 cores with AVX-512, `--durations`),
+# longest first: pytest-xdist hands out files in this order (its own reordering, by the number of tests in
+# a file, is turned off in pytest_configure), and the workers then finish at about the same time instead of
+# one running the last long file alone.
+LONGEST_FIRST = ("test_sigkill.py", "test_multiprocess.py", "test_fsdp.py", "test_training.py", "test_diffusers.py",
+                 "test_train_cli.py", "test_reliability.py", "test_unet_parity.py", "test_bench.py",
+                 "test_bad_inputs.py", "test_evaluation.py", "test_blocks_parity.py", "test_nnx.py")
 
 
 def pytest_collection_modifyitems(config, items):

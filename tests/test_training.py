@@ -194,7 +194,10 @@ def test_remat_changes_neither_parameters_nor_training():
     jax.tree_util.tree_map(np.testing.assert_array_equal, remat_init, plain_init)
     np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-5)
     errors = jax.tree_util.tree_map(rel_error, without_key_biases(remat), without_key_biases(plain))
-    assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5
+    # 2e-5: a GroupNorm bias's gradient is a sum over the batch and the positions that largely cancels, and
+    # summed in another order under remat it differs in its sixth digit, which Adam's first steps (about
+    # +-lr each) pass on to the bias (1.0e-5 for one of them, with dropout's masks drawn as they are now).
+    assert max(jax.tree_util.tree_leaves(errors)) <= 2e-5
 
 
 @pytest.mark.parametrize("scale", [0.5, 50.0], ids=["under the limit", "clipped"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unet_flax import UNet, UNetConfig
-from unet_flax import model as unet_model, reference as ref
+from unet_flax import reference as ref
 
 from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
@@ -212,28 +212,24 @@ def test_forward_and_reverse_mode_agree_through_every_input():
     assert abs(lhs - rhs) <= 1e-5 * abs(lhs), (lhs, rhs)
 
 
-def test_the_backward_pass_that_recomputes_equals_the_one_that_keeps(monkeypatch):
-    """GroupNorm's backward pass recomputes the activation's slope on a GPU or TPU (model.RECOMPUTE_SLOPE_ON)
-    and keeps it on a CPU: both run here, whatever the platform, and give the same gradient for every
-    parameter and the input, dropout on (float32)."""
-    _, config, _, model, params, _, (x, t, y, context) = build_case("class+context")
+def test_the_backward_pass_that_recomputes_equals_the_one_that_keeps():
+    """GroupNorm's backward pass recomputes the activation's slope on a GPU or TPU and keeps it on a CPU
+    (UNetConfig.norm_backward 'auto'): both run here, whatever the platform, and give the same gradient for
+    every parameter and the input, dropout on (float32)."""
+    _, config, _, _, params, _, (x, t, y, context) = build_case("class+context")
     cotangent = np.random.default_rng(6).standard_normal((*x.shape[:3], config.out_channels)).astype(np.float32)
 
-    def gradients():
+    def gradients(norm_backward):
+        model = UNet(dataclasses.replace(config, norm_backward=norm_backward))
+
         def f(params, x):
             out = model.apply({"params": params}, x, t, y, context, train=True, rngs={"dropout": jax.random.key(4)})
             return jnp.vdot(out, cotangent)
         step = jax.jit(jax.grad(f, argnums=(0, 1))).lower(params, x).compile()
         return step.as_text(), step(params, x)
 
-    def with_recompute_on(platforms):
-        monkeypatch.setattr(unet_model, "RECOMPUTE_SLOPE_ON", platforms)
-        jax.clear_caches()  # the traces of the fused GroupNorm read the setting: trace them again
-        return gradients()
-
-    kept_program, kept = with_recompute_on(())
-    recomputed_program, recomputed = with_recompute_on(("cpu", "cuda", "rocm", "tpu"))
-    jax.clear_caches()  # and again after the test, with the setting restored
+    kept_program, kept = gradients("keep")
+    recomputed_program, recomputed = gradients("recompute")
     # SiLU's exponential computed again in each GroupNorm's backward pass where the slope is recomputed.
     assert recomputed_program.count("exponential(") > kept_program.count("exponential(")
     errors = jax.tree_util.tree_map(rel_error, recomputed, kept)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from .config.unet_config import GROUP_NORM_EPSILON, UNetConfig, check_divisible, timestep_frequencies
+from .config.unet_config import GROUP_NORM_EPSILON, NORM_BACKWARDS, UNetConfig, check_divisible, timestep_frequencies
 
 Dtype = Any
 Array = jax.Array
@@ -32,6 +32,7 @@ class GroupNorm(nn.Module):
     num_groups: int = 32
     epsilon: float = GROUP_NORM_EPSILON
     dtype: Dtype = jnp.float32
+    backward: str = "auto"  # what the backward pass does with the activation's slope: see recomputes_slope
 
     @nn.compact
     def __call__(self, x: Array, scale_shift: tuple[Array, Array] | None = None,
@@ -43,22 +44,36 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         dropout_key = self.make_rng("dropout") if dropout_rate > 0 else None
         return group_norm_activation(x, scale, bias, scale_shift, dropout_key, self.num_groups, self.epsilon,
-                                     jnp.dtype(self.dtype), activation, dropout_rate)
+                                     jnp.dtype(self.dtype), activation, dropout_rate, self.backward)
 
 
 # What group_norm_activation keeps for the backward pass, besides its inputs.
 GROUP_STATISTICS, ACTIVATION_SLOPE = "group_statistics", "activation_slope"
-# Where group_norm_activation's backward pass recomputes the activation's slope instead of keeping it.
-RECOMPUTE_SLOPE_ON = ("cuda", "rocm", "tpu")
+# Where group_norm_activation's backward pass recomputes the activation's slope by default (jax.default_backend()).
+RECOMPUTE_SLOPE_ON = ("gpu", "tpu")
+
+
+def recomputes_slope(backward: str) -> bool:
+    """Whether GroupNorm's backward pass recomputes the activation's slope ('recompute') or keeps it from the
+    forward pass ('keep'); 'auto': recompute where JAX computes on a GPU or TPU (RECOMPUTE_SLOPE_ON), keep on a
+    CPU. Decided when the step is traced: a program compiled ahead of time for another machine's devices
+    names its choice (benchmarks/h100_aot.py). jax.lax.platform_dependent, which would decide when the step is
+    lowered, runs both choices as branches of one conditional, whose residuals for the backward pass JAX
+    fills in with zeros for the branch not taken: on the H100 float32 step, 3.3 GB more moved and 600 MB more
+    scratch memory."""
+    if backward not in NORM_BACKWARDS:
+        raise ValueError(f"backward must be one of {NORM_BACKWARDS}, got {backward!r}")
+    return jax.default_backend() in RECOMPUTE_SLOPE_ON if backward == "auto" else backward == "recompute"
 
 
 def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tuple[Array, Array] | None,
                           dropout_key: Array | None, num_groups: int, epsilon: float, dtype: Dtype,
-                          activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0) -> Array:
+                          activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0,
+                          backward: str = "auto") -> Array:
     """GroupNorm of NHWC `x` with per-channel `scale` and `bias`, then `* (1 + s) + t` for a (B, 1, 1, C)
     `scale_shift` pair (s, t), then the elementwise `activation`, then dropout at `dropout_rate` drawn
     from `dropout_key` (`dropout_mask`; kept values scaled by 1 / (1 - rate), as flax.linen.Dropout does):
-    float32 inside, rounded to `dtype` once.
+    float32 inside, rounded to `dtype` once. `backward`: see `recomputes_slope`.
 
     One fused operation in both modes of differentiation (jvp and jacfwd as well as grad). Its derivative
     is written out, a jax.custom_jvp whose tangent is linear, so JAX transposes it for reverse mode, and
@@ -75,18 +90,20 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
     # where XLA cannot fold them away and computes with them in small kernels of their own (49 per cifar10 step).
     return _group_norm_activation(x, scale, bias, None if scale_shift is None else tuple(scale_shift),
                                   jnp.zeros((), jnp.uint32) if dropout_key is None else dropout_seed(dropout_key),
-                                  num_groups, epsilon, jnp.dtype(dtype), activation, dropout_rate)
+                                  num_groups, epsilon, jnp.dtype(dtype), activation, dropout_rate,
+                                  recomputes_slope(backward))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _fused(x, scale, bias, scale_shift, dropout_seed, num_groups, epsilon, dtype, activation, dropout_rate):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _fused(x, scale, bias, scale_shift, dropout_seed, num_groups, epsilon, dtype, activation, dropout_rate,
+           recompute_slope):
     normalized, _ = _normalize(x, _group_statistics(x, num_groups, epsilon), num_groups)
     return _activate(_modulate(normalized, scale, bias, scale_shift), dropout_seed, activation,
                      dropout_rate)[0].astype(dtype)
 
 
 @_fused.defjvp
-def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, tangents):
+def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, recompute_slope, primals, tangents):
     """The derivative as  k (a dx + q + n p):  n the normalised input, k the activation's and dropout's
     elementwise derivative, a = (1 + s) scale / std, and q, p per (sample, channel) from the parameters'
     tangents and the group means of dx and n dx (GroupNorm's textbook derivative,
@@ -119,8 +136,7 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
         slope = checkpoint_name(slope.astype(dtype), ACTIVATION_SLOPE).astype(jnp.float32)
         return slope, normalized, slope
 
-    slope, normalized_apart, slope_apart = jax.lax.platform_dependent(
-        slope, default=kept, **{platform: recomputed for platform in RECOMPUTE_SLOPE_ON})
+    slope, normalized_apart, slope_apart = (recomputed if recompute_slope else kept)(slope)
     per_sample = (x.shape[0], 1, 1, x.shape[-1])  # coefficients per (sample, channel), so the sums are too
     one_plus_s = 1.0 if scale_shift is None else 1 + scale_shift[0].astype(jnp.float32)
     a = jnp.broadcast_to(one_plus_s * scale * inverse_std, per_sample)
@@ -139,7 +155,7 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, primals, ta
 
 
 _group_norm_activation = jax.checkpoint(
-    _fused, static_argnums=(5, 6, 7, 8, 9),
+    _fused, static_argnums=(5, 6, 7, 8, 9, 10),
     policy=jax.checkpoint_policies.save_only_these_names(GROUP_STATISTICS, ACTIVATION_SLOPE))
 
 
@@ -241,8 +257,8 @@ def _group_statistics(x: Array, num_groups: int, epsilon: float) -> tuple[Array,
                  for value in (shift, mean, jax.lax.rsqrt(variance + epsilon)))
 
 
-def group_norm(num_groups: int, epsilon: float, dtype: Dtype, name: str | None = None) -> GroupNorm:
-    return GroupNorm(num_groups, epsilon, dtype, name=name)
+def group_norm(num_groups: int, epsilon: float, dtype: Dtype, backward: str, name: str | None = None) -> GroupNorm:
+    return GroupNorm(num_groups, epsilon, dtype, backward, name=name)
 
 
 # Explicit padding: 'SAME' pads (0, 1) at stride 2, where torch's padding=1 pads (1, 1).
@@ -282,16 +298,17 @@ class ResidualBlock(nn.Module):
     epsilon: float = GROUP_NORM_EPSILON
     time_conditioning: str = "scale_shift"
     output_scale: float = 1.0
+    norm_backward: str = "auto"  # GroupNorm.backward
 
     def setup(self) -> None:
-        self.norm1 = group_norm(self.num_groups, self.epsilon, self.dtype)
+        self.norm1 = group_norm(self.num_groups, self.epsilon, self.dtype, self.norm_backward)
         self.conv1 = conv3x3(self.out_channels, self.dtype)
         self.time_mlp = None
         if self.time_emb_dim is not None:
             # For scale and shift (or one added term)
             width = self.out_channels * (2 if self.time_conditioning == "scale_shift" else 1)
             self.time_mlp = nn.Sequential([nn.silu, nn.Dense(width, dtype=self.dtype)])
-        self.norm2 = group_norm(self.num_groups, self.epsilon, self.dtype)
+        self.norm2 = group_norm(self.num_groups, self.epsilon, self.dtype, self.norm_backward)
         self.conv2 = conv3x3(self.out_channels, self.dtype)
         self.activation = nn.silu
         # Called, and so given parameters, only when the channel count changes (else identity).
@@ -384,6 +401,7 @@ class AttentionBlock(nn.Module):
     epsilon: float = GROUP_NORM_EPSILON
     normalize: bool = True
     output_scale: float = 1.0
+    norm_backward: str = "auto"  # GroupNorm.backward
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -392,7 +410,7 @@ class AttentionBlock(nn.Module):
         check_divisible(c, self.num_heads, "num_heads")
         residual = x
         if self.normalize:
-            x = group_norm(self.num_groups, self.epsilon, self.dtype, name="norm")(x)
+            x = group_norm(self.num_groups, self.epsilon, self.dtype, self.norm_backward, name="norm")(x)
         qkv = conv1x1(c * 3, self.dtype, name="to_qkv")(x)
         q, k, v = _split_heads(qkv, 3, self.num_heads)
         implementation = attention_implementation(self.attention_impl, q.dtype, q.shape[-1], q.shape[1], k.shape[1])
@@ -411,6 +429,7 @@ class CrossAttentionBlock(nn.Module):
     attention_impl: str = "auto"
     epsilon: float = GROUP_NORM_EPSILON
     output_scale: float = 1.0
+    norm_backward: str = "auto"  # GroupNorm.backward
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
@@ -420,7 +439,8 @@ class CrossAttentionBlock(nn.Module):
         if context.ndim != 3 or context.shape[0] != b:
             raise ValueError(f"context must have shape (batch={b}, length, context_dim), got {context.shape}")
         residual = x
-        q = conv1x1(c, self.dtype, name="to_q")(group_norm(self.num_groups, self.epsilon, self.dtype, name="norm")(x))
+        normalized = group_norm(self.num_groups, self.epsilon, self.dtype, self.norm_backward, name="norm")(x)
+        q = conv1x1(c, self.dtype, name="to_q")(normalized)
         kv = nn.Dense(c * 2, dtype=self.dtype, name="to_kv")(context)
         (q,) = _split_heads(q, 1, self.num_heads)
         k, v = _split_heads(kv, 2, self.num_heads)
@@ -492,15 +512,15 @@ class ResAttnBlock(nn.Module):
         scale = cfg.mid_block_scale_factor if self.middle else 1.0
         heads = cfg.attention_heads(self.out_channels) if self.attention else None
         self.resnet = ResidualBlock(self.out_channels, self.time_emb_dim, cfg.num_groups, cfg.dropout, dtype,
-                                    cfg.norm_eps, cfg.time_conditioning, scale)
+                                    cfg.norm_eps, cfg.time_conditioning, scale, cfg.norm_backward)
         self.attn = None
         self.cross_attn = None
         if self.attention:
             self.attn = AttentionBlock(heads, cfg.num_groups, dtype, cfg.attention_impl, cfg.norm_eps,
-                                       cfg.mid_attention_norm or not self.middle, scale)
+                                       cfg.mid_attention_norm or not self.middle, scale, cfg.norm_backward)
             if cfg.context_dim is not None:
                 self.cross_attn = CrossAttentionBlock(heads, cfg.num_groups, dtype, cfg.attention_impl,
-                                                      cfg.norm_eps, scale)
+                                                      cfg.norm_eps, scale, cfg.norm_backward)
 
     def __call__(self, x: Array, t_emb: Array, context: Array | None, train: bool) -> Array:
         x = self.resnet(x, t_emb, train)
@@ -536,7 +556,7 @@ class UNet(nn.Module):
         self.mid_block2 = block(mid_channels, emb_dim, False, cfg, True)
         self.up_blocks = [block(s.out_channels, emb_dim, s.attention, cfg) for level in decoder for s in level]
         self.upsamples = [Upsample(dtype) for _ in range(cfg.num_levels - 1)]
-        self.norm_out = group_norm(cfg.num_groups, cfg.norm_eps, dtype)
+        self.norm_out = group_norm(cfg.num_groups, cfg.norm_eps, dtype, cfg.norm_backward)
         self.conv_out = conv3x3(cfg.out_channels, dtype)
 
     def __call__(self, x: Array, t: Array, y: Array | None = None, context: Array | None = None,

@@ -15,6 +15,8 @@ from .fields import FREE, check_choices, check_range, setting
 DTYPES = ("float32", "bfloat16", "float16")
 GROUP_NORM_EPSILON = 1e-5  # torch.nn.GroupNorm's default; flax's is 1e-6
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# What GroupNorm's fused backward pass does with the activation's slope (model.group_norm_activation).
+NORM_BACKWARDS = ("auto", "recompute", "keep")
 # How a residual block takes the time embedding: as a scale and shift after norm2 (the seed's), or
 # added to the features before norm2 (DDPM's, diffusers' "default").
 TIME_CONDITIONINGS = ("scale_shift", "additive")
@@ -60,6 +62,9 @@ class UNetConfig:
     # (a CUDA GPU, bf16/fp16, a head size it accepts), XLA elsewhere. Weights do not depend on it.
     attention_impl: str = setting("auto", resume=FREE, choices=ATTENTION_IMPLEMENTATIONS)
     remat: bool = setting(False, resume=FREE)  # recompute each block in the backward pass to save memory
+    # Whether GroupNorm's backward pass recomputes its activation's slope or keeps it from the forward pass;
+    # 'auto': recompute on a GPU or TPU, keep on a CPU (JAX's default backend). The same gradients either way.
+    norm_backward: str = setting("auto", resume=FREE, choices=NORM_BACKWARDS)
     # The variants of diffusers' UNet2DModel; the defaults are this project's own U-Net.
     time_conditioning: str = setting("scale_shift", choices=TIME_CONDITIONINGS)
     norm_eps: float = GROUP_NORM_EPSILON  # every GroupNorm's epsilon
