@@ -40,6 +40,7 @@ T = jnp.zeros(2)
     (dict(image_size=18), r"image_size 18 is not divisible by 2\*\*\(levels-1\) = 4"),
     (dict(dtype="float64"), r"dtype must be one of .* got 'float64'"),
     (dict(attention_impl="flash"), r"attention_impl must be one of .* got 'flash'"),
+    (dict(norm_backward="remat"), r"norm_backward must be one of .* got 'remat'"),
     (dict(num_res_blocks=0), r"num_res_blocks must be a positive integer, got 0"),
     (dict(base_channels=16.0), r"base_channels must be an integer, got 16.0"),
     (dict(dropout=float("nan")), r"dropout must be a finite number, got nan"),
