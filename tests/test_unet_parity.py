@@ -2,7 +2,6 @@
 import copy
 import dataclasses
 import functools
-import re
 
 import chex
 import jax
@@ -227,15 +226,14 @@ def test_the_backward_pass_that_recomputes_equals_the_one_that_keeps():
             out = model.apply({"params": params}, x, t, y, context, train=True, rngs={"dropout": jax.random.key(4)})
             return jnp.vdot(out, cotangent)
         step = jax.jit(jax.grad(f, argnums=(0, 1))).lower(params, x).compile()
-        instructions = (re.sub(r", metadata=\{[^}]*\}", "", line) for line in step.as_text().splitlines())
-        return [line for line in instructions if re.match(r"\s*(ROOT )?%|ENTRY|}", line)], step(params, x)
+        return step.as_text().count("exponential("), step(params, x)
 
-    kept_program, kept = gradients("keep")
-    recomputed_program, recomputed = gradients("recompute")
-    # 'auto' is the GPU's and TPU's choice there and the CPU's here: the same program (its instructions).
-    assert gradients("auto")[0] == (recomputed_program if jax.default_backend() in ("gpu", "tpu") else kept_program)
+    kept_exponentials, kept = gradients("keep")
+    recomputed_exponentials, recomputed = gradients("recompute")
     # SiLU's exponential computed again in each GroupNorm's backward pass where the slope is recomputed.
-    exponentials = [sum("exponential(" in line for line in program) for program in (recomputed_program, kept_program)]
-    assert exponentials[0] > exponentials[1], exponentials
+    assert recomputed_exponentials > kept_exponentials, (recomputed_exponentials, kept_exponentials)
+    # 'auto' is the GPU's and TPU's choice there and the CPU's here.
+    on_accelerator = jax.default_backend() in ("gpu", "tpu")
+    assert gradients("auto")[0] == (recomputed_exponentials if on_accelerator else kept_exponentials)
     errors = jax.tree_util.tree_map(rel_error, recomputed, kept)
     assert max(jax.tree_util.tree_leaves(errors)) <= 1e-5, errors
