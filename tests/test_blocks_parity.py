@@ -4,7 +4,10 @@ float32, highest matmul precision on both sides, non-default random weights, bat
 non-square odd-sized maps. Forward: max|flax - torch| / max|torch| <= 1e-5; gradients with
 respect to every input and every parameter <= 1e-4.
 """
+import zlib
+
 import chex
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -216,6 +219,24 @@ def test_sinusoid_matches_reference():
         np.testing.assert_allclose(flax_embedding, torch_embedding, rtol=0, atol=2e-6)
 
 
+def test_layers_given_one_shared_dropout_seed_draw_masks_of_their_own():
+    """GroupNorm's `shared_dropout_seed`: each layer salts it with its own path, so two layers draw different
+    masks from one seed, each the mask of that seed and its path's CRC-32; and the same layer, the same mask."""
+    class TwoLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x, seed):
+            return [model.GroupNorm(4, name=name)(x, dropout_rate=0.5, shared_dropout_seed=seed) for name in "ab"]
+
+    x = jax.random.normal(jax.random.key(5), (4, 6, 6, 16))
+    seed = model.dropout_seed(jax.random.key(3))
+    params = TwoLayers().init(jax.random.key(0), x, seed)
+    dropped = [np.asarray(out == 0) for out in TwoLayers().apply(params, x, seed)]
+    for name, mask in zip("ab", dropped):
+        np.testing.assert_array_equal(~mask, model.dropout_mask(seed, 0.5, x.shape, zlib.crc32(name.encode())))
+    assert abs((dropped[0] & dropped[1]).mean() - 0.25) <= 5 * np.sqrt(0.25 * 0.75 / x.size)
+    np.testing.assert_array_equal(dropped[0], np.asarray(TwoLayers().apply(params, x, seed)[0] == 0))
+
+
 @pytest.mark.parametrize("keep_rate", [0.9, 0.5])
 def test_dropout_mask_keeps_values_independently_at_its_rate(keep_rate):
     """dropout_mask: the share kept is the keep rate, and two values are kept together as often as
@@ -225,9 +246,13 @@ def test_dropout_mask_keeps_values_independently_at_its_rate(keep_rate):
     shape = (8, 16, 12, 48)  # 73728 values
     keys = [jax.random.key(0), jax.random.key(1), jax.random.PRNGKey(2), jax.random.fold_in(jax.random.key(0), 7)]
     keep, *others = (np.asarray(model.dropout_mask(model.dropout_seed(key), keep_rate, shape)) for key in keys)
+    # Two layers sharing key(0)'s seed, salted with their paths as GroupNorm salts them.
+    layers = [np.asarray(model.dropout_mask(model.dropout_seed(keys[0]), keep_rate, shape, zlib.crc32(path.encode())))
+              for path in ("up_blocks_0/resnet/norm2", "up_blocks_1/resnet/norm2")]
     assert abs(keep.mean() - keep_rate) <= 5 * np.sqrt(keep_rate * (1 - keep_rate) / keep.size)
     both = keep_rate ** 2
     for a, b in [(keep[1:], keep[:-1]), (keep[:, 1:], keep[:, :-1]), (keep[:, :, 1:], keep[:, :, :-1]),
-                 (keep[..., 1:], keep[..., :-1]), *((keep, other) for other in others)]:
+                 (keep[..., 1:], keep[..., :-1]), *((keep, other) for other in others + layers),
+                 (layers[0], layers[1]), (layers[0][1:], layers[1][:-1])]:
         assert abs((a & b).mean() - both) <= 5 * np.sqrt(both * (1 - both) / a.size)
     np.testing.assert_array_equal(model.dropout_mask(model.dropout_seed(jax.random.key(0)), keep_rate, shape), keep)

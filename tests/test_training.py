@@ -2,6 +2,7 @@
 import dataclasses
 import functools
 
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax import reference as ref
 from unet_flax.config import SamplerConfig, TrainConfig
-from unet_flax.model import init_params
+from unet_flax.model import compute_dtype_params, init_params
 from unet_flax.parallel import Parallel, data_mesh, fsdp_spec, jit_driver, local_value
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
 from unet_flax.train_step import (NOT_READ_BY_THE_STEP, _make_train_step, clip_by_global_norm, create_train_state,
@@ -198,6 +199,29 @@ def test_remat_changes_neither_parameters_nor_training():
     # summed in another order under remat it differs in its sixth digit, which Adam's first steps (about
     # +-lr each) pass on to the bias (1.0e-5 for one of them, with dropout's masks drawn as they are now).
     assert max(jax.tree_util.tree_leaves(errors)) <= 2e-5
+
+
+def test_a_bfloat16_step_reads_its_compute_copy_and_computes_what_the_cast_parameters_give():
+    """The state's bfloat16 copy of the weights changes what the step reads, not what it computes: from the
+    same state, the steps with the copy and without it (the forward pass casting each weight) give the same
+    bits, and after each step the copy is the new parameters cast. Dropout on: its masks are drawn alike."""
+    config = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, dtype="bfloat16", dropout=0.2))
+    step = jax.jit(_make_train_step(config, axis_name=None))
+    with_copy = create_train_state(config, jax.random.PRNGKey(0))
+    kinds = {path[-2:]: leaf.dtype for path, leaf in flax.traverse_util.flatten_dict(with_copy.compute_params).items()}
+    assert kinds[("conv1", "kernel")] == kinds[("to_qkv", "bias")] == kinds[("label_embedding", "embedding")] == \
+        jnp.bfloat16
+    assert kinds[("norm1", "scale")] == kinds[("norm_out", "bias")] == jnp.float32
+    casting = with_copy.replace(compute_params=None)
+    for batch in batches(3):
+        with_copy, copy_metrics = step(with_copy, batch, jax.random.PRNGKey(1))
+        casting, casting_metrics = step(casting, batch, jax.random.PRNGKey(1))
+        assert float(copy_metrics["loss"]) == float(casting_metrics["loss"])
+        assert float(copy_metrics["grad_norm"]) == float(casting_metrics["grad_norm"])
+        jax.tree_util.tree_map(np.testing.assert_array_equal, with_copy.compute_params,
+                               compute_dtype_params(with_copy.params, jnp.bfloat16))
+    assert casting.compute_params is None
+    jax.tree_util.tree_map(np.testing.assert_array_equal, with_copy.replace(compute_params=None), casting)
 
 
 @pytest.mark.parametrize("scale", [0.5, 50.0], ids=["under the limit", "clipped"])

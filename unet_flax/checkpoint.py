@@ -24,7 +24,7 @@ from . import job
 from .config import TrainConfig, UNetConfig
 from .config.fields import FIXED, fields_resumed
 from .errors import ConfigError, SaveError, TrainingError
-from .train_step import create_train_state, initial_keys, train_state_from_params
+from .train_step import create_train_state, initial_keys, saved_form, train_state_from_params
 
 
 def checkpoint_directory(workdir: str | Path) -> Path:
@@ -135,7 +135,7 @@ def write_initial_checkpoint(config: TrainConfig, params: Any) -> dict:
     _, step_rng = initial_keys(config.seed)
     checkpoints = Checkpoints(config.workdir)
     try:
-        checkpoints.save(0, {"train_state": state, "rng": step_rng}, {"next_index": 0}, config.to_dict())
+        checkpoints.save(0, {"train_state": saved_form(state), "rng": step_rng}, {"next_index": 0}, config.to_dict())
         checkpoints.wait()
     finally:
         checkpoints.close()
@@ -355,7 +355,7 @@ def abstract_checkpoint(config: TrainConfig, sharding_of: Callable[[jax.ShapeDty
                         ) -> dict:
     """The shape of what train.py saves ({'train_state', 'rng'}), each leaf placed by `sharding_of(leaf)`, to
     restore into: a checkpoint restores into any layout, whichever wrote it."""
-    abstract = jax.eval_shape(lambda: {"train_state": create_train_state(config, jax.random.PRNGKey(0)),
+    abstract = jax.eval_shape(lambda: {"train_state": saved_form(create_train_state(config, jax.random.PRNGKey(0))),
                                        "rng": jax.random.PRNGKey(0)})
     return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_of(a)), abstract)
 

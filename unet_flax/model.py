@@ -6,10 +6,12 @@ math. Parameters are float32; `dtype` sets the computation dtype (bfloat16 for m
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,15 +38,24 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, scale_shift: tuple[Array, Array] | None = None,
-                 activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0) -> Array:
-        """GroupNorm(x) [* (1 + scale) + shift] [-> activation] [-> dropout, drawn from the 'dropout' rng]."""
+                 activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0,
+                 shared_dropout_seed: Array | None = None) -> Array:
+        """GroupNorm(x) [* (1 + scale) + shift] [-> activation] [-> dropout].
+
+        Dropout draws from this layer's key of the 'dropout' rng, or, given `shared_dropout_seed` (a uint32
+        `dropout_seed` that a network hands all its layers), from that word salted with the CRC-32 of this
+        layer's path: flax's per-layer key is a fold-in, a small kernel of its own for each layer on a GPU."""
         channels = x.shape[-1]
         check_divisible(channels, self.num_groups, "num_groups")
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        dropout_key = self.make_rng("dropout") if dropout_rate > 0 else None
-        return group_norm_activation(x, scale, bias, scale_shift, dropout_key, self.num_groups, self.epsilon,
-                                     jnp.dtype(self.dtype), activation, dropout_rate, self.backward)
+        seed, salt = None, 0
+        if dropout_rate > 0 and shared_dropout_seed is None:
+            seed = dropout_seed(self.make_rng("dropout"))
+        elif dropout_rate > 0:
+            seed, salt = shared_dropout_seed, zlib.crc32("/".join(self.path).encode())
+        return group_norm_activation(x, scale, bias, scale_shift, seed, self.num_groups, self.epsilon,
+                                     jnp.dtype(self.dtype), activation, dropout_rate, self.backward, salt)
 
 
 # What group_norm_activation keeps for the backward pass, besides its inputs.
@@ -67,13 +78,13 @@ def recomputes_slope(backward: str) -> bool:
 
 
 def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tuple[Array, Array] | None,
-                          dropout_key: Array | None, num_groups: int, epsilon: float, dtype: Dtype,
+                          dropout_seed: Array | None, num_groups: int, epsilon: float, dtype: Dtype,
                           activation: Callable[[Array], Array] | None = None, dropout_rate: float = 0.0,
-                          backward: str = "auto") -> Array:
+                          backward: str = "auto", dropout_salt: int = 0) -> Array:
     """GroupNorm of NHWC `x` with per-channel `scale` and `bias`, then `* (1 + s) + t` for a (B, 1, 1, C)
     `scale_shift` pair (s, t), then the elementwise `activation`, then dropout at `dropout_rate` drawn
-    from `dropout_key` (`dropout_mask`; kept values scaled by 1 / (1 - rate), as flax.linen.Dropout does):
-    float32 inside, rounded to `dtype` once. `backward`: see `recomputes_slope`.
+    by the uint32 `dropout_seed` and the constant `dropout_salt` (`dropout_mask`; kept values scaled by 1 / (1 - rate),
+    as flax.linen.Dropout does): float32 inside, rounded to `dtype` once. `backward`: see `recomputes_slope`.
 
     One fused operation in both modes of differentiation (jvp and jacfwd as well as grad). Its derivative
     is written out, a jax.custom_jvp whose tangent is linear, so JAX transposes it for reverse mode, and
@@ -89,21 +100,22 @@ def group_norm_activation(x: Array, scale: Array, bias: Array, scale_shift: tupl
     # No scale and shift is None, not zeros: zeros would reach the backward pass through the checkpoint's barrier,
     # where XLA cannot fold them away and computes with them in small kernels of their own (46 per cifar10 step).
     return _group_norm_activation(x, scale, bias, None if scale_shift is None else tuple(scale_shift),
-                                  jnp.zeros((), jnp.uint32) if dropout_key is None else dropout_seed(dropout_key),
-                                  num_groups, epsilon, jnp.dtype(dtype), activation, dropout_rate,
+                                  jnp.zeros((), jnp.uint32) if dropout_seed is None else dropout_seed,
+                                  num_groups, epsilon, jnp.dtype(dtype), activation, (dropout_rate, dropout_salt),
                                   recomputes_slope(backward))
 
 
+# `dropout` is (rate, salt) (see _activate).
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _fused(x, scale, bias, scale_shift, dropout_seed, num_groups, epsilon, dtype, activation, dropout_rate,
+def _fused(x, scale, bias, scale_shift, dropout_seed, num_groups, epsilon, dtype, activation, dropout,
            recompute_slope):
     normalized, _ = _normalize(x, _group_statistics(x, num_groups, epsilon), num_groups)
     return _activate(_modulate(normalized, scale, bias, scale_shift), dropout_seed, activation,
-                     dropout_rate)[0].astype(dtype)
+                     dropout)[0].astype(dtype)
 
 
 @_fused.defjvp
-def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, recompute_slope, primals, tangents):
+def _fused_jvp(num_groups, epsilon, dtype, activation, dropout, recompute_slope, primals, tangents):
     """The derivative as  k (a dx + q + n p):  n the normalised input, k the activation's and dropout's
     elementwise derivative, a = (1 + s) scale / std, and q, p per (sample, channel) from the parameters'
     tangents and the group means of dx and n dx (GroupNorm's textbook derivative,
@@ -117,7 +129,7 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, recompute_s
     dx, dscale, dbias, dscale_shift, _ = tangents
     statistics = _group_statistics(x, num_groups, epsilon)
     normalized, inverse_std = _normalize(x, statistics, num_groups)
-    out, slope = _activate(_modulate(normalized, scale, bias, scale_shift), seed, activation, dropout_rate)
+    out, slope = _activate(_modulate(normalized, scale, bias, scale_shift), seed, activation, dropout)
 
     def recomputed(slope: Array) -> tuple[Array, Array, Array]:
         # n and k again, from the input behind a barrier: each of the backward pass's two kernels recomputes
@@ -127,7 +139,7 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout_rate, recompute_s
         x_apart, seed_apart = jax.lax.optimization_barrier((x, seed))
         normalized_apart, _ = _normalize(x_apart, statistics, num_groups)
         _, slope_apart = _activate(_modulate(normalized_apart, scale, bias, scale_shift), seed_apart, activation,
-                                   dropout_rate)
+                                   dropout)
         return slope, normalized_apart, slope_apart
 
     def kept(slope: Array) -> tuple[Array, Array, Array]:
@@ -189,11 +201,13 @@ def _modulate(normalized: Array, scale: Array, bias: Array, scale_shift: tuple[A
 
 
 def _activate(h: Array, seed: Array, activation: Callable[[Array], Array] | None,
-              dropout_rate: float) -> tuple[Array, Array]:
-    """activation(h) with dropout, and its elementwise derivative (the mask's scale included)."""
+              dropout: tuple[float, int]) -> tuple[Array, Array]:
+    """activation(h) with dropout at rate dropout[0] from `seed` and the salt dropout[1] (`dropout_mask`), and
+    its elementwise derivative (the mask's scale included)."""
+    dropout_rate, salt = dropout
     out, slope = (h, jnp.ones_like(h)) if activation is None else jax.jvp(activation, (h,), (jnp.ones_like(h),))
     if dropout_rate > 0:
-        keep = dropout_mask(seed, 1.0 - dropout_rate, h.shape)
+        keep = dropout_mask(seed, 1.0 - dropout_rate, h.shape, salt)
         out = jax.lax.select(keep, out / (1.0 - dropout_rate), jnp.zeros_like(out))
         slope = jax.lax.select(keep, slope / (1.0 - dropout_rate), jnp.zeros_like(slope))
     return out, slope
@@ -207,10 +221,10 @@ def dropout_seed(key: Array) -> Array:
     return jax.random.key_data(key).ravel()[-1]
 
 
-def dropout_mask(seed: Array, keep_rate: float, shape: tuple[int, ...]) -> Array:
+def dropout_mask(seed: Array, keep_rate: float, shape: tuple[int, ...], salt: int = 0) -> Array:
     """Which values of a (B, ...) array dropout keeps, each with probability `keep_rate` (to 2**-24): a
-    counter-based hash of the value's sample, its position in the sample (modulo 2**32) and the uint32
-    `seed` (`dropout_seed`).
+    counter-based hash of the value's sample, its position in the sample (modulo 2**32), the uint32
+    `seed` (`dropout_seed`) and the constant `salt` (a layer's, where layers share one seed).
 
     A few integer operations per value, which XLA recomputes inside every kernel that needs the mask (the
     forward pass and both of the backward pass's); jax.random.bernoulli's threefry (20 rounds) XLA computes
@@ -220,7 +234,8 @@ def dropout_mask(seed: Array, keep_rate: float, shape: tuple[int, ...]) -> Array
     position = jnp.zeros(shape, jnp.uint32)
     for axis in range(1, len(shape)):  # the value's index within its sample
         position = position * np.uint32(shape[axis]) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-    bits = _mix32(_mix32(position ^ seed) + sample * np.uint32(0x9E3779B9) + seed)
+    # The salt enters each value's hash, not the seed: XLA would compute seed ^ salt in a kernel of its own.
+    bits = _mix32(_mix32(position ^ seed) + (sample * np.uint32(0x9E3779B9) + np.uint32(salt)) + seed)
     return (bits >> 8) < np.uint32(round(keep_rate * (1 << 24)))
 
 
@@ -314,7 +329,9 @@ class ResidualBlock(nn.Module):
         # Called, and so given parameters, only when the channel count changes (else identity).
         self.skip_connection = conv1x1(self.out_channels, self.dtype)
 
-    def __call__(self, x: Array, t_emb: Array | None = None, train: bool = False) -> Array:
+    def __call__(self, x: Array, t_emb: Array | None = None, train: bool = False,
+                 shared_dropout_seed: Array | None = None) -> Array:
+        """`shared_dropout_seed`: see GroupNorm; None draws dropout from the 'dropout' rng."""
         check_divisible(x.shape[-1], self.num_groups, "num_groups")
         check_divisible(self.out_channels, self.num_groups, "num_groups")
         if self.time_mlp is not None and t_emb is None and self.is_initializing():
@@ -331,13 +348,16 @@ class ResidualBlock(nn.Module):
         if self.time_mlp is not None and t_emb is not None:
             time_encoding = self.time_mlp(t_emb)[:, None, None, :]
             if self.time_conditioning == "additive":
-                h = self.norm2(h + time_encoding, activation=self.activation, dropout_rate=dropout_rate)
+                h = self.norm2(h + time_encoding, activation=self.activation, dropout_rate=dropout_rate,
+                               shared_dropout_seed=shared_dropout_seed)
             else:
                 scale, shift = jnp.split(time_encoding, 2, axis=-1)
                 # Modulate features: norm2(h) * (1 + scale) + shift
-                h = self.norm2(h, (scale, shift), activation=self.activation, dropout_rate=dropout_rate)
+                h = self.norm2(h, (scale, shift), activation=self.activation, dropout_rate=dropout_rate,
+                               shared_dropout_seed=shared_dropout_seed)
         else:
-            h = self.norm2(h, activation=self.activation, dropout_rate=dropout_rate)
+            h = self.norm2(h, activation=self.activation, dropout_rate=dropout_rate,
+                           shared_dropout_seed=shared_dropout_seed)
         h = self.conv2(h)
         if x.shape[-1] != self.out_channels:
             residual = self.skip_connection(residual)
@@ -522,8 +542,9 @@ class ResAttnBlock(nn.Module):
                 self.cross_attn = CrossAttentionBlock(heads, cfg.num_groups, dtype, cfg.attention_impl,
                                                       cfg.norm_eps, scale, cfg.norm_backward)
 
-    def __call__(self, x: Array, t_emb: Array, context: Array | None, train: bool) -> Array:
-        x = self.resnet(x, t_emb, train)
+    def __call__(self, x: Array, t_emb: Array, context: Array | None, train: bool,
+                 shared_dropout_seed: Array | None = None) -> Array:
+        x = self.resnet(x, t_emb, train, shared_dropout_seed)
         if self.attn is not None:
             x = self.attn(x)
         if self.cross_attn is not None:
@@ -572,24 +593,26 @@ class UNet(nn.Module):
             labels = jnp.full(x.shape[:1], cfg.num_classes, jnp.int32) if y is None else y
             emb = emb + self.label_embedding(labels)
 
+        # One key for all the blocks' dropout (GroupNorm's shared_dropout_seed).
+        seed = dropout_seed(self.make_rng("dropout")) if train and cfg.dropout > 0 else None
         h = self.conv_in(x)
         skips = [h]
         down_blocks = iter(self.down_blocks)
         for level in range(cfg.num_levels):
             for _ in range(cfg.num_res_blocks):
-                h = next(down_blocks)(h, emb, context, train)
+                h = next(down_blocks)(h, emb, context, train, seed)
                 skips.append(h)
             if level != cfg.num_levels - 1:
                 h = self.downsamples[level](h)
                 skips.append(h)
 
-        h = self.mid_block1(h, emb, context, train)
-        h = self.mid_block2(h, emb, context, train)
+        h = self.mid_block1(h, emb, context, train, seed)
+        h = self.mid_block2(h, emb, context, train, seed)
 
         up_blocks = iter(self.up_blocks)
         for i, level in enumerate(reversed(range(cfg.num_levels))):
             for _ in range(cfg.num_res_blocks + 1):
-                h = next(up_blocks)(jnp.concatenate([h, skips.pop()], axis=-1), emb, context, train)
+                h = next(up_blocks)(jnp.concatenate([h, skips.pop()], axis=-1), emb, context, train, seed)
             if level != 0:
                 h = self.upsamples[i](h)
 
@@ -648,6 +671,20 @@ def example_inputs(model: UNetConfig, batch_size: int = 1) -> tuple:
     x = jnp.zeros((batch_size, model.image_size, model.image_size, model.in_channels), jnp.float32)
     y = None if model.num_classes is None else jnp.zeros((batch_size,), jnp.int32)
     return x, jnp.zeros((batch_size,), jnp.int32), y
+
+
+# The parameters of the modules that hold one of these (flax's Conv, Dense, Embed) are cast to the module's
+# dtype before use; GroupNorm's scale and bias are read in float32, where it normalises.
+CAST_BY_THEIR_MODULE = ("kernel", "embedding")
+
+
+def compute_dtype_params(params: Any, dtype: Dtype) -> Any:
+    """`params` as the U-Net's layers read them when it computes in `dtype`: the parameters of its convolutions,
+    dense layers and label embedding cast to `dtype`, GroupNorm's left float32. The U-Net computes the same from
+    either tree, and its gradient with respect to a cast leaf, cast back to float32, is the float32 leaf's."""
+    casts = {path[:-1] for path in flax.traverse_util.flatten_dict(params) if path[-1] in CAST_BY_THEIR_MODULE}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: leaf.astype(dtype) if tuple(key.key for key in path[:-1]) in casts else leaf, params)
 
 
 def init_params(model: UNetConfig, rng: jax.Array) -> Any:

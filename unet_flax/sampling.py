@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import diffusion, samplers
 from .checkpoint import load_params
-from .model import UNet
+from .model import UNet, compute_dtype_params
 from .config import SamplerConfig, SamplingConfig, TrainConfig, UNetConfig
 from .config.sampler_config import READ_BY
 from .config.unet_config import compute_dtype
@@ -134,6 +134,8 @@ def generate(params, key: jax.Array, labels: jax.Array | None, plan: samplers.Pl
     x_T = jax.random.normal(noise_key, shape, jnp.float32)
     if batch_sharding is not None:
         x_T = jax.lax.with_sharding_constraint(x_T, batch_sharding)
+    # Cast once, not at each of the loop's model evaluations.
+    params = compute_dtype_params(params, model_config.dtype)
     denoise = guided_denoiser(UNet(model_config), params, labels, guidance_scale)
     return samplers.run(denoise, plan, x_T, step_key if plan.stochastic else None)
 

@@ -35,7 +35,7 @@ from .errors import DataError, TrainingError
 from .parallel import Batch, Parallel, local_value
 from .samplers import make_plan
 from .sampling import sample
-from .train_step import create_train_state, initial_keys, make_train_step
+from .train_step import create_train_state, from_saved_form, initial_keys, make_train_step, saved_form
 from .visualize import save_grid, save_loss_curve
 
 
@@ -206,9 +206,10 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: Par
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
                             f"--no-resume was given: use another --workdir (nothing was changed)")
     step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.sharding_of))
+    state = from_saved_form(saved["train_state"], config.model.dtype)
     if step == 0:  # imported weights, no step taken: this run's seed and data, from their start
-        return step, {"train_state": saved["train_state"], "rng": step_rng}, None
-    return step, saved, data_state
+        return step, {"train_state": state, "rng": step_rng}, None
+    return step, {**saved, "train_state": state}, data_state
 
 
 def train(config: TrainConfig, workdir: str | Path | None = None) -> dict[str, Any]:
@@ -279,7 +280,8 @@ def train_steps(config: TrainConfig, workdir: Path, checkpoints: Checkpoints, pa
     is_main = jax.process_index() == 0
 
     def save(step: int) -> None:
-        canonical = {"train_state": parallel.canonical_state(state), "rng": parallel.to_saved(np.asarray(rng))}
+        canonical = {"train_state": parallel.canonical_state(saved_form(state)),
+                     "rng": parallel.to_saved(np.asarray(rng))}
         checkpoints.save(step, canonical, feed.state(), config.to_dict())
 
     stop, metrics, log = job.StopSignal(), MetricsAccumulator(), MetricsLog(workdir, is_main)

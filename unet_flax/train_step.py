@@ -18,7 +18,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 
 from . import diffusion
 from .config import TrainConfig
-from .model import UNet, init_params
+from .model import UNet, compute_dtype_params, init_params
 from .parallel import DATA_AXIS, STEP_FUNCTIONS_KEPT, Batch, Metrics, StepFn
 
 
@@ -28,6 +28,10 @@ class TrainState(flax.struct.PyTreeNode):
     ema_params: Any
     opt_state: Any
     skipped_steps: jax.Array  # steps with a non-finite loss or gradient, left unapplied
+    # params as the forward pass reads them (model.compute_dtype_params), written by each update: a bfloat16
+    # step then reads its weights without a cast of each one every step. None where the model computes in
+    # float32. Never saved: a restored state casts its params again (from_saved_form).
+    compute_params: Any = None
 
     @property
     def applied_steps(self) -> jax.Array:
@@ -104,9 +108,32 @@ def create_train_state(config: TrainConfig, rng: jax.Array) -> TrainState:
 
 def train_state_from_params(config: TrainConfig, params: Any) -> TrainState:
     """Step 0 with these weights (also as the EMA) and a fresh optimizer state."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.device_put(params, may_alias=False),  # its own buffers: the steps donate
-                      opt_state=jax.jit(make_optimizer(config).init)(params), skipped_steps=jnp.zeros((), jnp.int32))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                       ema_params=jax.device_put(params, may_alias=False),  # its own buffers: the steps donate
+                       opt_state=jax.jit(make_optimizer(config).init)(params), skipped_steps=jnp.zeros((), jnp.int32))
+    return with_compute_params(state, config.model.dtype)
+
+
+def with_compute_params(state: TrainState, dtype: Any) -> TrainState:
+    """`state` with its params' copy in the compute `dtype` (None for float32): what a restored state lacks."""
+    copy = None if jnp.dtype(dtype) == jnp.float32 else compute_dtype_params(state.params, dtype)
+    return state.replace(compute_params=copy)
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+    """`tree`'s leaves in the dtypes of `like`'s (None for None)."""
+    return None if like is None else jax.tree_util.tree_map(lambda leaf, model: leaf.astype(model.dtype), tree, like)
+
+
+def saved_form(state: TrainState) -> dict[str, Any]:
+    """`state` as checkpoints hold it: its fields but the compute copy, which its params determine."""
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
+            if field.name != "compute_params"}
+
+
+def from_saved_form(saved: dict[str, Any], dtype: Any) -> TrainState:
+    """The state a checkpoint holds, with the compute copy for `dtype` (model.compute_dtype_params)."""
+    return with_compute_params(TrainState(**saved), dtype)
 
 
 # The TrainConfig fields the train step never reads (the data, the loop, sampling, the job; `steps`
@@ -163,7 +190,10 @@ def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS,
             return diffusion.diffusion_loss(denoise, schedule, images, t, noise, config.prediction,
                                             config.min_snr_gamma)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        read_params = state.params if state.compute_params is None else state.compute_params
+        loss, grads = jax.value_and_grad(loss_fn)(read_params)
+        # A cast leaf's gradient, cast back: the float32 parameter's, as if the forward pass had cast it.
+        grads = cast_like(grads, state.params)
         if axis_name is not None:
             loss, grads = jax.lax.pmean((loss, grads), axis_name)
         if row_major_gradients:
@@ -173,7 +203,8 @@ def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS,
         params = optax.apply_updates(state.params, updates)
         ema_params = optax.incremental_update(params, state.ema_params,
                                               1.0 - ema_decay(config.ema_decay, state.applied_steps))
-        applied = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+        applied = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state,
+                                compute_params=cast_like(params, state.compute_params))
 
         # A non-finite loss or gradient leaves parameters, optimiser and EMA as they were (nothing poisoned
         # reaches a checkpoint) and is counted as skipped, so learning rate and warm-ups follow what was applied.
