@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -24,7 +25,6 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compilation targets the TPU; nothing runs on it
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
@@ -109,7 +109,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
 def parameter_count(config: TrainConfig) -> int:
     params = jax.eval_shape(lambda key: create_train_state(config, key).params, jax.random.key(0))
-    return sum(int(jnp.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
+    return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
 def analyse(case: Case) -> dict:

@@ -115,9 +115,13 @@ def train_state_from_params(config: TrainConfig, params: Any) -> TrainState:
 
 
 def with_compute_params(state: TrainState, dtype: Any) -> TrainState:
-    """`state` with its params' copy in the compute `dtype` (None for float32): what a restored state lacks."""
-    copy = None if jnp.dtype(dtype) == jnp.float32 else compute_dtype_params(state.params, dtype)
+    """`state` with its params' copy in the compute `dtype` (None for float32): what a restored state lacks.
+    Cast by a jitted program, which takes arrays split over several processes (FSDP across hosts) as they are."""
+    copy = None if jnp.dtype(dtype) == jnp.float32 else _cast_params(state.params, jnp.dtype(dtype))
     return state.replace(compute_params=copy)
+
+
+_cast_params = jax.jit(compute_dtype_params, static_argnums=1)
 
 
 def cast_like(tree: Any, like: Any) -> Any:
