@@ -83,12 +83,13 @@ def gpu_device(name: str) -> jax.Device:
 
 def compiled_config(preset: str, batch_size: int, dtype: str) -> TrainConfig:
     """The preset computing in `dtype` with what 'auto' picks on these GPUs: cuDNN's fused attention in
-    bfloat16, XLA's in float32 (cuDNN's take no float32); GroupNorm's backward recomputing the slope."""
+    bfloat16, XLA's in float32 (cuDNN's take no float32); GroupNorm's backward recomputing the slope; the
+    weights' bf16 copy in the state."""
     config = PRESETS[preset]
     attention = "cudnn" if dtype == "bfloat16" else "xla"
     model = dataclasses.replace(config.model, dtype=dtype, attention_impl=attention, norm_backward="recompute",
                                 num_classes=10 if config.class_conditional else None)
-    return dataclasses.replace(config, model=model, batch_size=batch_size)
+    return dataclasses.replace(config, model=model, batch_size=batch_size, weight_copy="on")
 
 
 def abstract(tree, sharding):

@@ -64,12 +64,13 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 
 
 def case_config(case: Case) -> TrainConfig:
-    """The preset in bf16 with XLA's attention (cuDNN's is a GPU's) and GroupNorm's backward recomputing the
-    slope ('auto' on a TPU), its data's channels and classes."""
+    """The preset in bf16 with XLA's attention (cuDNN's is a GPU's), GroupNorm's backward recomputing the
+    slope and no weight copy in the state ('auto' on a TPU), its data's channels and classes."""
     config = PRESETS[case.preset]
     model = dataclasses.replace(config.model, dtype="bfloat16", attention_impl="xla", norm_backward="recompute",
                                 num_classes=10 if config.class_conditional else None)
-    return dataclasses.replace(config, model=model, batch_size=case.batch_size, parallel=case.parallel)
+    return dataclasses.replace(config, model=model, batch_size=case.batch_size, parallel=case.parallel,
+                               weight_copy="off")
 
 
 def abstract(tree, shardings):

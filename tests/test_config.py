@@ -62,6 +62,8 @@ def test_bad_overrides_name_the_field():
         resolve_config({"frobnicate": 1})
     with pytest.raises(ConfigError, match=r"parallel must be one of \('pmap', 'jit', 'fsdp'\), got 'vmap'"):
         resolve_config({"parallel": "vmap"})
+    with pytest.raises(ConfigError, match=r"weight_copy must be one of \('auto', 'on', 'off'\), got 'yes'"):
+        resolve_config({"weight_copy": "yes"})
 
 
 def test_the_data_decides_channels_and_classes():

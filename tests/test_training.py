@@ -205,9 +205,16 @@ def test_a_bfloat16_step_reads_its_compute_copy_and_computes_what_the_cast_param
     """The state's bfloat16 copy of the weights changes what the step reads, not what it computes: from the
     same state, the steps with the copy and without it (the forward pass casting each weight) give the same
     bits, and after each step the copy is the new parameters cast. Dropout on: its masks are drawn alike."""
-    config = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, dtype="bfloat16", dropout=0.2))
+    config = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, dtype="bfloat16", dropout=0.2),
+                                 weight_copy="on")
     step = jax.jit(_make_train_step(config, axis_name=None))
     with_copy = create_train_state(config, jax.random.PRNGKey(0))
+    # 'auto' keeps a copy on a GPU only (train_step.WEIGHT_COPY_ON); 'off' and float32 never.
+    for weight_copy, model in (("auto", config.model), ("off", config.model), ("on", CONFIG.model)):
+        state = jax.eval_shape(lambda: create_train_state(
+            dataclasses.replace(config, model=model, weight_copy=weight_copy), jax.random.PRNGKey(0)))
+        keeps = weight_copy == "on" and model is config.model or weight_copy == "auto" and jax.default_backend() == "gpu"
+        assert (state.compute_params is not None) == keeps, (weight_copy, model.dtype)
     kinds = {path[-2:]: leaf.dtype for path, leaf in flax.traverse_util.flatten_dict(with_copy.compute_params).items()}
     assert kinds[("conv1", "kernel")] == kinds[("to_qkv", "bias")] == kinds[("label_embedding", "embedding")] == \
         jnp.bfloat16

@@ -206,7 +206,7 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: Par
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
                             f"--no-resume was given: use another --workdir (nothing was changed)")
     step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.sharding_of))
-    state = from_saved_form(saved["train_state"], config.model.dtype)
+    state = from_saved_form(saved["train_state"], config)
     if step == 0:  # imported weights, no step taken: this run's seed and data, from their start
         return step, {"train_state": state, "rng": step_rng}, None
     return step, {**saved, "train_state": state}, data_state

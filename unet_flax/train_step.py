@@ -30,7 +30,8 @@ class TrainState(flax.struct.PyTreeNode):
     skipped_steps: jax.Array  # steps with a non-finite loss or gradient, left unapplied
     # params as the forward pass reads them (model.compute_dtype_params), written by each update: a bfloat16
     # step then reads its weights without a cast of each one every step. None where the model computes in
-    # float32. Never saved: a restored state casts its params again (from_saved_form).
+    # float32 or the config keeps no copy (keeps_weight_copy). Never saved: a restored state casts its params
+    # again (from_saved_form).
     compute_params: Any = None
 
     @property
@@ -111,14 +112,28 @@ def train_state_from_params(config: TrainConfig, params: Any) -> TrainState:
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                        ema_params=jax.device_put(params, may_alias=False),  # its own buffers: the steps donate
                        opt_state=jax.jit(make_optimizer(config).init)(params), skipped_steps=jnp.zeros((), jnp.int32))
-    return with_compute_params(state, config.model.dtype)
+    return with_compute_params(state, config)
 
 
-def with_compute_params(state: TrainState, dtype: Any) -> TrainState:
-    """`state` with its params' copy in the compute `dtype` (None for float32): what a restored state lacks.
+# Where TrainConfig.weight_copy 'auto' keeps one (jax.default_backend()). On a TPU XLA fuses each weight's cast
+# into the convolution that reads it, and a copy only costs: the cifar10 step on a v5e slice, per chip, 690
+# against 613 MB of arguments, 708 against 650 MB of temporaries, 20.8 against 19.3 GB accessed.
+WEIGHT_COPY_ON = ("gpu",)
+
+
+def keeps_weight_copy(config: TrainConfig) -> bool:
+    """Whether the train state keeps its weights' copy in the model's compute dtype (TrainState.compute_params):
+    never for float32; TrainConfig.weight_copy 'on' or 'off', or 'auto' where the backend is in WEIGHT_COPY_ON."""
+    if jnp.dtype(config.model.dtype) == jnp.float32 or config.weight_copy == "off":
+        return False
+    return config.weight_copy == "on" or jax.default_backend() in WEIGHT_COPY_ON
+
+
+def with_compute_params(state: TrainState, config: TrainConfig) -> TrainState:
+    """`state` with its params' copy in the compute dtype where `keeps_weight_copy`: what a restored state lacks.
     Cast by a jitted program, which takes arrays split over several processes (FSDP across hosts) as they are."""
-    copy = None if jnp.dtype(dtype) == jnp.float32 else _cast_params(state.params, jnp.dtype(dtype))
-    return state.replace(compute_params=copy)
+    dtype = jnp.dtype(config.model.dtype)
+    return state.replace(compute_params=_cast_params(state.params, dtype) if keeps_weight_copy(config) else None)
 
 
 _cast_params = jax.jit(compute_dtype_params, static_argnums=1)
@@ -135,9 +150,9 @@ def saved_form(state: TrainState) -> dict[str, Any]:
             if field.name != "compute_params"}
 
 
-def from_saved_form(saved: dict[str, Any], dtype: Any) -> TrainState:
-    """The state a checkpoint holds, with the compute copy for `dtype` (model.compute_dtype_params)."""
-    return with_compute_params(TrainState(**saved), dtype)
+def from_saved_form(saved: dict[str, Any], config: TrainConfig) -> TrainState:
+    """The state a checkpoint holds, with the compute copy where `config` keeps one."""
+    return with_compute_params(TrainState(**saved), config)
 
 
 # The TrainConfig fields the train step never reads (the data, the loop, sampling, the job; `steps`
@@ -148,7 +163,7 @@ NOT_READ_BY_THE_STEP = frozenset({
     "workdir", "data", "class_conditional", "hflip", "data_workers", "skip_bad_images", "batch_size",
     "skip_nonfinite", "sample_every", "num_samples", "sampling_steps", "guidance_scale", "sampler", "parallel", "seed",
     "save_every", "keep_checkpoints", "log_every", "resume", "distributed", "coordinator_address",
-    "num_processes", "process_id", "mesh"})
+    "num_processes", "process_id", "mesh", "weight_copy"})
 _TRAIN_STEPS: dict[tuple, StepFn] = {}  # the newest few, oldest first
 
 

@@ -16,6 +16,7 @@ from .unet_config import UNetConfig, compute_dtype
 
 LR_SCHEDULES = ("constant", "cosine")
 PARALLEL = ("pmap", "jit", "fsdp")
+WEIGHT_COPIES = ("auto", "on", "off")
 MESH_AXES = ("data", "fsdp")
 
 
@@ -66,6 +67,9 @@ class TrainConfig:
     # parameters, their AdamW moments and the EMA split over fsdp
     parallel: str = setting("pmap", resume=FREE, choices=PARALLEL)
     mesh: str | None = setting(None, resume=FREE)  # fsdp's: 'data=N,fsdp=M' (a size may be left out); None: all fsdp
+    # a copy of the weights in the compute dtype kept in the train state, never saved (train_step.keeps_weight_copy);
+    # 'auto': on a GPU, where the cast of each weight every step is a kernel of its own
+    weight_copy: str = setting("auto", resume=FREE, choices=WEIGHT_COPIES)
     seed: int = 0
     save_every: int = setting(500, resume=FREE)
     keep_checkpoints: int = setting(3, resume=FREE)
