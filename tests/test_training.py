@@ -119,7 +119,7 @@ UNREAD_CHANGED = {"workdir": "elsewhere", "data": "images.npz", "class_condition
                   "sampler": SamplerConfig("unipc", solver_order=3),
                   "parallel": "fsdp", "mesh": "data=2,fsdp=2", "seed": 11, "save_every": 13, "keep_checkpoints": 1, "log_every": 3,
                   "resume": False, "distributed": True, "coordinator_address": "localhost:1", "num_processes": 2,
-                  "process_id": 1, "steps": 50}
+                  "process_id": 1, "weight_copy": "on", "steps": 50}
 
 
 def test_configs_that_differ_only_in_what_the_step_does_not_read_share_one_step():
