@@ -7,7 +7,9 @@ import pytest
 
 import unet_flax as uf
 from unet_flax.checkpoint import Checkpoints
+from unet_flax.config import TrainConfig
 from unet_flax.model import attention_implementation, cudnn_attention_applies
+from unet_flax.train_step import _make_train_step, create_train_state
 
 from commands import params_at, run_sample, run_train, summary
 from parity import rel_error
@@ -119,3 +121,23 @@ def test_sampling_on_the_gpu_is_reproducible_and_the_cpu_samples_the_same_checkp
     a, b, cpu = (np.load(tmp_path / f"{name}.npz")["images"] for name in ("gpu_a", "gpu_b", "cpu"))
     np.testing.assert_array_equal(a, b)
     assert cpu.shape == a.shape == (8, 8, 8, 1)
+
+
+def test_the_bf16_weight_copy_trains_as_casting_each_weight_does(gpu):
+    """On a GPU the state keeps its weights' bf16 copy ('auto'): three steps with it and without it (the
+    forward pass then casting each weight) agree to bf16's rounding; the two programs differ, so not bit
+    for bit as on the CPU (tests/test_training.py)."""
+    model = uf.UNetConfig(in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
+                          attention_resolutions=(4,), image_size=8, num_heads=2, num_groups=8, dtype="bfloat16")
+    config = TrainConfig(model=model, batch_size=8, lr=1e-3, warmup_steps=1)
+    with_copy = create_train_state(config, jax.random.PRNGKey(0))
+    assert with_copy.compute_params is not None
+    casting = with_copy.replace(compute_params=None)
+    step = jax.jit(_make_train_step(config, axis_name=None))
+    images = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 8, 1)).astype(np.float32)
+    for batch in images:
+        with_copy, copy_metrics = step(with_copy, {"image": batch}, jax.random.PRNGKey(1))
+        casting, casting_metrics = step(casting, {"image": batch}, jax.random.PRNGKey(1))
+        assert abs(float(copy_metrics["loss"]) - float(casting_metrics["loss"])) <= 1e-2 * float(casting_metrics["loss"])
+    errors = jax.tree_util.tree_map(rel_error, with_copy.params, casting.params)
+    assert max(jax.tree_util.tree_leaves(errors)) <= BF16_TOLERANCE, errors
