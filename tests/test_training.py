@@ -204,7 +204,8 @@ def test_remat_changes_neither_parameters_nor_training():
 def test_a_bfloat16_step_reads_its_compute_copy_and_computes_what_the_cast_parameters_give():
     """The state's bfloat16 copy of the weights changes what the step reads, not what it computes: from the
     same state, the steps with the copy and without it (the forward pass casting each weight) give the same
-    bits, and after each step the copy is the new parameters cast. Dropout on: its masks are drawn alike."""
+    bits, and after each step the copy is the new parameters cast; a skipped step leaves it as it was. Dropout
+    on: its masks are drawn alike."""
     config = dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, dtype="bfloat16", dropout=0.2),
                                  weight_copy="on")
     step = jax.jit(_make_train_step(config, axis_name=None))
@@ -229,6 +230,13 @@ def test_a_bfloat16_step_reads_its_compute_copy_and_computes_what_the_cast_param
                                compute_dtype_params(with_copy.params, jnp.bfloat16))
     assert casting.compute_params is None
     jax.tree_util.tree_map(np.testing.assert_array_equal, with_copy.replace(compute_params=None), casting)
+    # A skipped step (a non-finite loss) keeps the copy as it keeps the parameters.
+    bad = batches(1)[0]
+    bad["image"][0, 0, 0, 0] = np.nan
+    skipped, metrics = step(with_copy, bad, jax.random.PRNGKey(1))
+    assert int(metrics["nonfinite"]) == 1 and int(skipped.skipped_steps) == 1
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           skipped.replace(step=with_copy.step, skipped_steps=with_copy.skipped_steps), with_copy)
 
 
 @pytest.mark.parametrize("scale", [0.5, 50.0], ids=["under the limit", "clipped"])

@@ -144,6 +144,16 @@ def cast_like(tree: Any, like: Any) -> Any:
     return None if like is None else jax.tree_util.tree_map(lambda leaf, model: leaf.astype(model.dtype), tree, like)
 
 
+def recast(copy: Any, params: Any) -> Any:
+    """`copy`'s leaves of another dtype than `params`' cast again from `params`, the others as they are (None
+    for None). The update computes the copy's float32 leaves (GroupNorm's) itself: one array could not be
+    both a parameter and its copy in the state's buffers, which XLA would then copy."""
+    if copy is None:
+        return None
+    return jax.tree_util.tree_map(lambda leaf, kept: leaf if leaf.dtype == kept.dtype else kept.astype(leaf.dtype),
+                                  copy, params)
+
+
 def saved_form(state: TrainState) -> dict[str, Any]:
     """`state` as checkpoints hold it: its fields but the compute copy, which its params determine."""
     return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)
@@ -230,6 +240,8 @@ def _make_train_step(config: TrainConfig, axis_name: str | None = DATA_AXIS,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         skipped = state.replace(step=state.step + 1, skipped_steps=state.skipped_steps + 1)
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), applied, skipped)
+        # The copy's cast leaves cast from the parameters kept: choosing them as above reads the old copy too.
+        new_state = new_state.replace(compute_params=recast(new_state.compute_params, new_state.params))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr(state.applied_steps),
                    "nonfinite": (~finite).astype(jnp.int32)}
         return new_state, metrics
