@@ -7,14 +7,16 @@
 # 3. the profile of the JAX bf16 step, per kernel kind and the 20 longest kernels (profile_<gpu>_bf16.md),
 # 4. float32 (TF32 off) with the sampling comparison, DDIM 50 steps x 64 images (<preset>_<gpu>_float32.json),
 # 5. every sampler's images/s at 20 steps, bf16, batch 64 (sampler_speed_<gpu>.json),
-# 6. the GPU tests (python -m pytest --gpu: parity on the GPU, cuDNN attention, bf16 training, sampling).
+# 6. the GPU tests (python -m pytest --gpu: parity on the GPU, cuDNN attention, bf16 training, sampling),
+# 7. train.py's own img/s on packed data against bench.py's bf16 step (train_speed_<gpu>.json).
 # Results (gpu_<gpu>_*.log and the files above) are written as they come into OUT_DIR (default docs/bench),
 # so a run cut short keeps what it measured.
 # PRESET (default cifar10) names the model; BENCH_ARGS, PROFILE_ARGS and PYTEST_ARGS add to bench.py's,
-# profile_step.py's and pytest's arguments; SKIP lists steps to leave out (e.g. SKIP="profile tests").
+# profile_step.py's, pytest's and (TRAIN_ARGS) benchmarks/train_speed.py's arguments; SKIP lists steps to
+# leave out (e.g. SKIP="profile tests").
 # A CPU dry run (the script's paths, not GPU figures):
 #   DEVICE=cpu PRESET=digits BENCH_ARGS="--steps 2 --batch-size 4 --cpu-devices 1" PROFILE_ARGS="--batch-size 4" \
-#     PYTEST_ARGS=tests/test_gpu.py bash benchmarks/gpu.sh /tmp/gpuout
+#     PYTEST_ARGS=tests/test_gpu.py TRAIN_ARGS="--steps 6 --images 512 -- --batch-size 4" bash benchmarks/gpu.sh /tmp/gpuout
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-docs/bench}
@@ -54,4 +56,6 @@ run float32 "$out/gpu_${gpu}_bench_float32.log" python3 bench.py --preset "$pres
 run samplers "$out/gpu_${gpu}_samplers.log" python3 benchmarks/sampler_speed.py --preset "$preset" \
   --json "$out/sampler_speed_${gpu}.json"
 run tests "$out/gpu_${gpu}_tests.log" python3 -m pytest --gpu -q -p no:cacheprovider --durations=15 ${PYTEST_ARGS:-}
+run train "$out/gpu_${gpu}_train.log" python3 benchmarks/train_speed.py --preset "$preset" \
+  --bench-json "$out/${preset}_${gpu}.json" --json "$out/train_speed_${gpu}.json" ${TRAIN_ARGS:-}
 exit $status
