@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax import reference as ref
 from unet_flax.config import SamplerConfig, TrainConfig
-from unet_flax.model import compute_dtype_params, init_params
+from unet_flax.model import compute_dtype_params, init_params, param_shapes
 from unet_flax.parallel import Parallel, data_mesh, fsdp_spec, jit_driver, local_value
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
 from unet_flax.train_step import (NOT_READ_BY_THE_STEP, _make_train_step, clip_by_global_norm, create_train_state,
@@ -244,7 +244,7 @@ def test_the_drivers_global_norm_and_clipping_are_optaxs(scale):
     """partial_sums_norm (each leaf summed over all but its last axis, then all at once) equals optax.tree.norm
     on a U-Net's gradient-shaped tree, kernels of 2 and 4 axes and biases, and clip_by_global_norm with it
     clips as optax's does."""
-    params = init_params(dataclasses.replace(TINY, base_channels=64, num_groups=8), jax.random.key(3))
+    params = param_shapes(dataclasses.replace(TINY, base_channels=64, num_groups=8))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(4), len(leaves))
     grads = treedef.unflatten([scale * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
