@@ -146,8 +146,8 @@ def cast_like(tree: Any, like: Any) -> Any:
 
 def recast(copy: Any, params: Any) -> Any:
     """`copy`'s leaves of another dtype than `params`' cast again from `params`, the others as they are (None
-    for None). The update computes the copy's float32 leaves (GroupNorm's) itself: one array could not be
-    both a parameter and its copy in the state's buffers, which XLA would then copy."""
+    for None). Leaves in the parameters' own dtype (GroupNorm's float32) stay as the step chose them: taken
+    from `params`, each would be one array in two of the state's buffers, and XLA would copy it."""
     if copy is None:
         return None
     return jax.tree_util.tree_map(lambda leaf, kept: leaf if leaf.dtype == kept.dtype else kept.astype(leaf.dtype),
