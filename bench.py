@@ -64,7 +64,8 @@ PEAK_FLOPS = {"H100": {"bfloat16": 989e12, "tensorfloat32": 495e12},
 JAX_MATMUL_PRECISION = {"bfloat16": "default", "tensorfloat32": "tensorfloat32", "float32": "float32"}
 
 
-def bench_config(preset: str, batch_size: int | None, precision: str, model_overrides: dict | None = None) -> TrainConfig:
+def bench_config(preset: str, batch_size: int | None, precision: str,
+                 model_overrides: dict | None = None) -> TrainConfig:
     """The preset with a class label when it is class-conditional, the model flags given, computing in
     bfloat16 for the bfloat16 precision and in float32 otherwise."""
     config = PRESETS[preset]
@@ -77,7 +78,8 @@ def bench_config(preset: str, batch_size: int | None, precision: str, model_over
 def make_batch(config: TrainConfig, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     m = config.model
-    return {"image": rng.uniform(-1, 1, (config.batch_size, m.image_size, m.image_size, m.in_channels)).astype(np.float32),
+    return {"image": rng.uniform(-1, 1, (config.batch_size, m.image_size, m.image_size,
+                                         m.in_channels)).astype(np.float32),
             "label": rng.integers(0, 10, config.batch_size).astype(np.int32)}
 
 
@@ -179,7 +181,7 @@ class TorchStep:
         self.step_count = 0
         self.compile_s = None
 
-    def warm_up(self) -> "TorchStep":
+    def warm_up(self) -> TorchStep:
         """The first step, timed apart: torch.compile compiles in it, cuDNN picks its algorithms."""
         start = time.perf_counter()
         self()
@@ -196,7 +198,8 @@ class TorchStep:
         dropped = torch.rand(t.shape, device=self.device) < self.config.label_dropout if self.y is not None else None
         self.step(self.x0, t, torch.randn_like(self.x0), dropped)
 
-    def step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, dropped: torch.Tensor | None) -> torch.Tensor:
+    def step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+             dropped: torch.Tensor | None) -> torch.Tensor:
         config = self.config
         y = None if self.y is None else torch.where(dropped, torch.full_like(self.y, config.model.num_classes), self.y)
         self.optimizer.zero_grad(set_to_none=True)
@@ -350,7 +353,8 @@ def run(args: argparse.Namespace, model_overrides: dict) -> dict:
     try:
         device = jax.devices(args.device)[0]
     except RuntimeError as error:
-        raise UsageError(f"--device {args.device}: JAX has no such device here ({str(error).splitlines()[0]})") from None
+        reason = str(error).splitlines()[0]
+        raise UsageError(f"--device {args.device}: JAX has no such device here ({reason})") from None
     torch_device = "cuda" if args.device == "gpu" else "cpu"
     steps = args.steps or (50 if args.device == "gpu" else 20)
     if args.device == "cpu":

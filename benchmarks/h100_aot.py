@@ -28,7 +28,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compilation targets the GPU
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -208,7 +209,8 @@ def bytes_moved(i: Instruction, computations: dict[str, list[Instruction]], by_n
     sliced = {}
     for p in body:
         if p.opcode == "parameter" and (elements := _sliced_elements(p, body)) is not None:
-            sliced[int(re.search(r"parameter\((\d+)\)", p.text).group(1))] = elements * BYTES.get(p.shape.split("[")[0], 4)
+            sliced[int(re.search(r"parameter\((\d+)\)",
+                                 p.text).group(1))] = elements * BYTES.get(p.shape.split("[")[0], 4)
     return shape_bytes(i.shape) + sum(sliced.get(k, shape_bytes(by_name[o].shape)) for k, o in enumerate(i.operands)
                                       if o in by_name)
 
@@ -275,7 +277,8 @@ def program_report(compiled: jax.stages.Compiled, batch: int) -> dict:
         "kernels": len(launched),
         "fusions": sum(i.opcode == "fusion" for i in launched),
         "custom_calls": dict(sorted(calls.items())),
-        "other_kernels": dict(collections.Counter(i.opcode for i in launched if i.opcode not in ("fusion", "custom-call"))),
+        "other_kernels": dict(collections.Counter(i.opcode for i in launched if i.opcode not in ("fusion",
+                                                                                                 "custom-call"))),
         "layout_changes_on_activations": sorted(i.name for i in launched if is_layout_change(i) and on_activation(i)),
         "layout_changes_around_convolutions": sorted(set(around)),
         "attention": {"cudnn_fmha_forward": calls[FMHA_FORWARD], "cudnn_fmha_backward": calls[FMHA_BACKWARD],
@@ -306,7 +309,8 @@ def attention_flops(config: TrainConfig, batch: int, backward: bool) -> float:
     total = 0.0
     for level in range(m.num_levels):
         length, channels = (m.image_size // 2**level) ** 2, m.base_channels * m.channel_mults[level]
-        blocks = (2 * m.num_res_blocks + 1) * m.level_has_attention(level) + (level == m.num_levels - 1) * m.mid_attention
+        blocks = ((2 * m.num_res_blocks + 1) * m.level_has_attention(level)
+                  + (level == m.num_levels - 1) * m.mid_attention)
         total += blocks * 4 * batch * length**2 * channels
     return total * (3 if backward else 1)
 
@@ -364,7 +368,8 @@ def _table(dtype: str, targets: dict) -> str:
         "kernels (the sampler: one step)": lambda r: r["kernels"],
         "fusions": lambda r: r["fusions"],
         "cuDNN convolutions": lambda r: sum(r["custom_calls"].get(k, 0) for k in CONVOLUTION_CALLS),
-        "cuDNN attention forward / backward": lambda r: "{cudnn_fmha_forward} / {cudnn_fmha_backward}".format(**r["attention"]),
+        "cuDNN attention forward / backward":
+            lambda r: "{cudnn_fmha_forward} / {cudnn_fmha_backward}".format(**r["attention"]),
         "XLA softmax fusions": lambda r: r["attention"]["xla_softmax_fusions"],
         "layout changes on activations": lambda r: len(r["layout_changes_on_activations"]),
         "float32 activation arrays written": lambda r: sum(r["float32_activations"].values()),
@@ -397,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "images", "sampling_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    report = {"preset": args.preset, "batch_size": args.batch_size, "sampler": f"DDIM {args.sampling_steps} x {args.images}",
+    report = {"preset": args.preset, "batch_size": args.batch_size,
+              "sampler": f"DDIM {args.sampling_steps} x {args.images}",
               "jax": jax.__version__, "precisions": {}}
     for dtype in args.dtypes:
         config = compiled_config(args.preset, args.batch_size, dtype)

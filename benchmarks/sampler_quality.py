@@ -65,8 +65,9 @@ def plot(rows: list[dict], path: str) -> None:
     """FD / floor against model evaluations, a line per sampler; cells above PLOTTED_RATIO are left out
     (the table has them) so that the rest stay readable."""
     kept = [row for row in rows if row["fd_ratio"] <= PLOTTED_RATIO]
+    names = dict.fromkeys(r["sampler"] for r in kept)
     series = {name: ([r["model_evaluations"] for r in kept if r["sampler"] == name],
-                     [r["fd_ratio"] for r in kept if r["sampler"] == name]) for name in dict.fromkeys(r["sampler"] for r in kept)}
+                     [r["fd_ratio"] for r in kept if r["sampler"] == name]) for name in names}
     save_line_chart(series, path, "model evaluations", "FD / floor", log_x=True)
 
 

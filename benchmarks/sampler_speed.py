@@ -67,7 +67,8 @@ def main() -> None:
         results[name] = time_sampler(params, config, SamplerConfig(name), args.steps, args.batch_size, args.repeats)
         print(name, json.dumps(results[name]), flush=True)
     report = {"preset": args.preset, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-              "dtype": config.model.dtype, "batch_size": args.batch_size, "machine": platform.processor() or platform.machine(),
+              "dtype": config.model.dtype, "batch_size": args.batch_size,
+              "machine": platform.processor() or platform.machine(),
               "samplers": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -26,15 +26,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the compilation targets the TPU
 
 import jax  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from h100_aot import shape_bytes, step_arguments  # noqa: E402
+
 from unet_flax.config import PRESETS, TrainConfig  # noqa: E402
-from unet_flax.parallel import (DATA_AXIS, FSDP_AXIS, data_mesh, fsdp_driver, fsdp_mesh, fsdp_shardings,  # noqa: E402
-                                jit_driver)
+from unet_flax.parallel import DATA_AXIS, FSDP_AXIS, data_mesh, fsdp_driver, fsdp_mesh, fsdp_shardings, jit_driver  # noqa: E402
 from unet_flax.train_step import create_train_state, make_train_step  # noqa: E402
 
 # The chips' HBM per chip (GiB), from Google Cloud's TPU pages.
@@ -102,7 +103,8 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     found = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
     pattern = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", re.M)
     fused = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) fusion\(.*calls=%all-reduce-scatter", re.M)
-    for shape, opcode in [*pattern.findall(hlo_text), *((shape, "reduce-scatter") for shape in fused.findall(hlo_text))]:
+    for shape, opcode in [*pattern.findall(hlo_text), *((shape,
+                                                         "reduce-scatter") for shape in fused.findall(hlo_text))]:
         found[opcode]["count"] += 1
         found[opcode]["bytes"] += shape_bytes(shape)
     return found

@@ -15,7 +15,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 # pytest-xdist's workers (started after this runs in the main process, they inherit the variable):
 # each program compiles once per run of the suite, small ones included.
 WORKER = "PYTEST_XDIST_WORKER" in os.environ
-COMPILATION_CACHE = os.environ["UNET_FLAX_COMPILATION_CACHE"] if WORKER else tempfile.mkdtemp(prefix="unet_flax_test_xla_")
+COMPILATION_CACHE = (os.environ["UNET_FLAX_COMPILATION_CACHE"] if WORKER
+                     else tempfile.mkdtemp(prefix="unet_flax_test_xla_"))
 os.environ["UNET_FLAX_COMPILATION_CACHE"] = COMPILATION_CACHE
 os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from commands import ROOT, TINY, run_main, run_process, run_train, snapshot
 
 
@@ -48,7 +47,8 @@ def files(tmp_path_factory):
     torch.save({"model": state_dict, "step": 2}, root / "checkpoint.pt")
     torch.save({"weight": _RunsCode()}, root / "runs_code.pt")
     (root / "foreign_diffusers").mkdir()
-    (root / "foreign_diffusers" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "sample_size": 32}))
+    (root / "foreign_diffusers" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel",
+                                                                        "sample_size": 32}))
     torch.save([torch.zeros(2)], root / "foreign_diffusers" / "diffusion_pytorch_model.bin")
     return root
 
@@ -93,8 +93,10 @@ CASES = [
                                              "are 8, 4 wide (image_size 8, 2 levels)"),
     ("sample.py", ["--workdir", "{root}/trained", "--labels", "3,12"], 2, "label 12 out of range"),
     ("sample.py", ["--workdir", "{root}/nowhere"], 1, "no checkpoint in {root}/nowhere/checkpoints"),
-    ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2, "num_samples must be a positive integer, got 0"),
-    ("sample.py", ["--workdir", "{root}/trained", "--sampler", "plms"], 2, "argument --sampler: invalid choice: 'plms'"),
+    ("sample.py", ["--workdir", "{root}/trained", "--num-samples", "0"], 2,
+     "num_samples must be a positive integer, got 0"),
+    ("sample.py", ["--workdir", "{root}/trained", "--sampler", "plms"], 2,
+     "argument --sampler: invalid choice: 'plms'"),
     ("sample.py", ["--workdir", "{root}/trained", "--sampler", "euler_ancestral", "--use-karras-sigmas"], 2,
      "use_karras_sigmas = True does not apply to sampler 'euler_ancestral': it is read by dpm_solver, euler, heun, "
      "unipc"),

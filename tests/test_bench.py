@@ -10,15 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from commands import ROOT
+from parity import randomize_, rel_error, to_nchw, without_key_biases
 
 from unet_flax import UNet, UNetConfig, reference
 from unet_flax.config import PRESETS, TrainConfig
 from unet_flax.parallel import data_mesh, jit_driver
 from unet_flax.torch_format import torch_to_flax
 from unet_flax.train_step import create_train_state, make_train_step, step_randomness
-
-from commands import ROOT
-from parity import randomize_, rel_error, to_nchw, without_key_biases
 
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402

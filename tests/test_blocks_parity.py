@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 import torch
+from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
 import unet_flax as uf
-from unet_flax import model, reference as ref
-
-from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
+from unet_flax import model
+from unet_flax import reference as ref
 
 # The parity suite also runs with JAX on the GPU (`pytest --gpu`), against the same CPU reference.
 pytestmark = pytest.mark.gpu

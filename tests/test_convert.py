@@ -4,12 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from parity import randomize_
 
 from unet_flax import UNet, UNetConfig
 from unet_flax import reference as ref
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
-
-from parity import randomize_
 
 CONFIG = UNetConfig(in_channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                     attention_resolutions=(4,), image_size=8, num_heads=2, num_groups=4,
@@ -88,7 +87,8 @@ def test_missing_key(target):
 def test_wrong_shape(target):
     state_dict = ref.UNet(CONFIG).state_dict()
     state_dict["conv_in.weight"] = torch.zeros(8, 4, 3, 3)
-    with pytest.raises(ValueError, match=r"'conv_in\.weight' has shape \(8, 4, 3, 3\), the model expects \(8, 3, 3, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"'conv_in\.weight' has shape \(8, 4, 3, 3\), the model expects \(8, 3, 3, 3\)"):
         torch_to_flax(state_dict, target)
 
 

@@ -12,17 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from commands import assert_bit_identical, run_main
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from parity import randomize_, rel_error, to_nchw, to_nhwc
 
 from unet_flax import UNet, UNetConfig, diffusion, samplers
-from unet_flax.config import SamplerConfig
 from unet_flax.checkpoint import load_params
-from unet_flax.diffusers_format import (from_diffusers, to_diffusers, LEGACY_ATTENTION_NAMES, NULL_LABEL_KEY, params_from_diffusers,
-                                        params_to_diffusers, unet_config_from_diffusers)
+from unet_flax.config import SamplerConfig
+from unet_flax.diffusers_format import (
+    LEGACY_ATTENTION_NAMES,
+    NULL_LABEL_KEY,
+    from_diffusers,
+    params_from_diffusers,
+    params_to_diffusers,
+    to_diffusers,
+    unet_config_from_diffusers,
+)
 from unet_flax.errors import ConfigError, ConversionError
-
-from commands import assert_bit_identical, run_main
-from parity import randomize_, rel_error, to_nchw, to_nhwc
 
 # What google/ddpm-cifar10-32 and the 256x256 DDPM models (cat, church, bedroom, celebahq) set.
 DDPM_FLAGS = dict(flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, downsample_padding=0, attention_head_dim=None)
@@ -46,7 +52,8 @@ MODELS = {
                                center_input_sample=True), (12, 20)),
     # Scale-shift with the middle attention's GroupNorm (attn_norm_num_groups), attention at the top
     # level, "UNetRes"-prefixed names, a shifted [cos, sin] embedding.
-    "scale-shift-mid-norm": (dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=2,
+    "scale-shift-mid-norm": (dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16],
+                                  layers_per_block=2,
                                   down_block_types=["UNetResAttnDownBlock2D", DOWN], up_block_types=[UP, ATTN_UP],
                                   attention_head_dim=4, norm_num_groups=4, attn_norm_num_groups=4, freq_shift=2,
                                   resnet_time_scale_shift="scale_shift", norm_eps=1e-4), (6, 10)),

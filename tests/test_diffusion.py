@@ -52,7 +52,8 @@ def test_min_snr_weights():
 
 
 ORACLE_SAMPLERS = [(SamplerConfig("ddim"), 20), (SamplerConfig("ddim", eta=1.0), 7), (SamplerConfig("ddpm"), 1),
-                   (SamplerConfig("dpm_solver", solver_order=3), 9), (SamplerConfig("dpm_solver", algorithm_type="sde-dpmsolver++"), 6),
+                   (SamplerConfig("dpm_solver", solver_order=3), 9),
+                   (SamplerConfig("dpm_solver", algorithm_type="sde-dpmsolver++"), 6),
                    (SamplerConfig("euler", timestep_spacing="trailing"), 5), (SamplerConfig("euler_ancestral"), 8),
                    (SamplerConfig("heun"), 4), (SamplerConfig("unipc", solver_order=3), 7)]
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import jax
-
 from commands import ROOT, TINY, params_at, run_process, run_train, start_processes, summary
 from parity import rel_error, without_key_biases
 
@@ -36,8 +35,9 @@ for name, flags in json.loads(sys.argv[1]).items():
 def test_fsdp_on_8_devices_equals_data_parallelism(tmp_path):
     """20 steps on 8 CPU devices with fsdp=8, with data=2,fsdp=4 and with pmap: the loss at every
     step within 1e-5 (relative) and the parameters, EMA and optimiser state within 1e-4; only the order of
-    the sums differs (jit's data parallelism equals pmap's: test_training). The network's dropout is off: FSDP's one step over the whole batch draws its dropout
-    masks from one key, the data-parallel step from one key per device."""
+    the sums differs (jit's data parallelism equals pmap's: test_training). The network's dropout is off:
+    FSDP's one step over the whole batch draws its dropout masks from one key, the data-parallel step from one
+    key per device."""
     common = [*TINY, "--steps", "20", "--log-every", "1", "--save-every", "20", "--num-samples", "2"]
     runs = {"fsdp8": ["--parallel", "fsdp"], "data2_fsdp4": ["--mesh", "data=2,fsdp=4"],
             "pmap": ["--parallel", "pmap"]}
@@ -45,7 +45,8 @@ def test_fsdp_on_8_devices_equals_data_parallelism(tmp_path):
                                             "--xla_force_host_platform_device_count=8")
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, json.dumps({name: common + extra for name, extra
                                                                             in runs.items()}), str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "XLA_FLAGS": flags}, timeout=600)
+                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "XLA_FLAGS": flags},
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     reference = losses(tmp_path / "pmap")
     assert len(reference) == 20

@@ -4,15 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from commands import params_at, run_sample, run_train, summary
+from parity import rel_error
 
 import unet_flax as uf
 from unet_flax.checkpoint import Checkpoints
 from unet_flax.config import TrainConfig
 from unet_flax.model import attention_implementation, cudnn_attention_applies
 from unet_flax.train_step import _make_train_step, create_train_state
-
-from commands import params_at, run_sample, run_train, summary
-from parity import rel_error
 
 pytestmark = pytest.mark.gpu
 
@@ -138,6 +137,7 @@ def test_the_bf16_weight_copy_trains_as_casting_each_weight_does(gpu):
     for batch in images:
         with_copy, copy_metrics = step(with_copy, {"image": batch}, jax.random.PRNGKey(1))
         casting, casting_metrics = step(casting, {"image": batch}, jax.random.PRNGKey(1))
-        assert abs(float(copy_metrics["loss"]) - float(casting_metrics["loss"])) <= 1e-2 * float(casting_metrics["loss"])
+        loss = float(casting_metrics["loss"])
+        assert abs(float(copy_metrics["loss"]) - loss) <= 1e-2 * loss
     errors = jax.tree_util.tree_map(rel_error, with_copy.params, casting.params)
     assert max(jax.tree_util.tree_leaves(errors)) <= BF16_TOLERANCE, errors

@@ -7,7 +7,6 @@ import sys
 
 import jax
 import pytest
-
 from commands import ROOT
 
 pytest.importorskip("jax_plugins.xla_cuda12", reason="needs the CUDA plugin: pip install 'jax[cuda12]'")

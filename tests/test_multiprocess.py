@@ -12,10 +12,18 @@ from pathlib import Path
 import jax
 import psutil  # orbax-checkpoint's dependency
 import pytest
-
-from commands import ROOT, TINY, command_line, images_with_a_truncated_row, params_at, run_train, start_processes, summary, wait_for
+from commands import (
+    ROOT,
+    TINY,
+    command_line,
+    images_with_a_truncated_row,
+    params_at,
+    run_train,
+    start_processes,
+    summary,
+    wait_for,
+)
 from parity import rel_error, without_key_biases
-
 
 # Until a signal stops it. A checkpoint every step slows the steps to about one a second, so the run
 # stops within a few steps of the signal: the rounding the comparisons allow grows with the steps.
@@ -139,5 +147,6 @@ def test_a_bad_image_in_one_process_stops_both_within_60_s(tmp_path):
     errors = [proc.communicate()[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [1, 1], errors
     assert errors[1].strip().splitlines()[-1] == f"error: cannot read image {broken}: image file is truncated"
-    assert errors[0].strip().splitlines()[-1] == (f"error: process 1 failed (DataError: cannot read image {broken}: "
-                                                  f"image file is truncated); no checkpoint was written yet; this process stops too")
+    assert errors[0].strip().splitlines()[-1] == (
+        f"error: process 1 failed (DataError: cannot read image {broken}: image file is truncated); "
+        "no checkpoint was written yet; this process stops too")

@@ -11,12 +11,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from commands import (
+    assert_bit_identical,
+    images_with_a_truncated_row,
+    params_at,
+    run_process,
+    run_train,
+    snapshot,
+    summary,
+)
+from parity import rel_error, without_key_biases
 
 from unet_flax.checkpoint import Checkpoints, damage_description, is_damage, load_params
-
-from commands import (assert_bit_identical, images_with_a_truncated_row, params_at, run_process, run_train, snapshot,
-                      summary)
-from parity import rel_error, without_key_biases
 
 
 @pytest.fixture(scope="module")

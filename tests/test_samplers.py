@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from commands import run_main
 from diffusers import DDPMPipeline, DiffusionPipeline, UNet2DModel
+from parity import randomize_, to_nhwc
 
 from unet_flax import diffusion, samplers
 from unet_flax.checkpoint import load_params
@@ -24,9 +26,6 @@ from unet_flax.diffusers_scheduler import sampler_from_diffusers, scheduler_to_d
 from unet_flax.errors import ConfigError
 from unet_flax.model import UNet
 from unet_flax.sampling import guided_denoiser
-
-from commands import run_main
-from parity import randomize_, to_nhwc
 
 # diffusers' schedulers under numpy 2 warn of their own np.array(tensor) calls.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -144,7 +143,8 @@ def test_sampler_equals_diffusers_scheduler(sampler, num_steps, spacing, predict
     # diffusers also draws where the noise is scaled by 0 (a one-step SDE run): the plan then draws none.
     assert len(drawn_noise) == (plan.evaluations if plan.stochastic else len(drawn_noise))
     noise = jnp.asarray(np.stack(drawn_noise)) if plan.stochastic else None
-    run = jax.jit(lambda plan, x, noise: samplers.run(lambda x, t: denoiser(x, t, xp=jnp, **model), plan, x, noise=noise))
+    run = jax.jit(lambda plan, x, noise: samplers.run(lambda x, t: denoiser(x, t, xp=jnp, **model), plan, x,
+                                                      noise=noise))
     ours = np.asarray(run(plan, jnp.asarray(x_T.numpy()), noise))
     error = np.abs(ours - expected).max() / largest
     record_error(f"{sampler.sampler} vs {SCHEDULERS[sampler.sampler]}", "samples", error)
@@ -173,7 +173,8 @@ def test_ddpm_equals_ddpm_scheduler(prediction, monkeypatch, record_error):
     assert error <= 1e-4
 
 
-@pytest.mark.parametrize("sampler", SETTINGS + [SamplerConfig("ddim", timestep_spacing="trailing"), SamplerConfig("ddpm")],
+@pytest.mark.parametrize("sampler", SETTINGS + [SamplerConfig("ddim", timestep_spacing="trailing"),
+                                                SamplerConfig("ddpm")],
                          ids=setting_id)
 def test_scheduler_configs_round_trip(sampler):
     fields = json.loads(json.dumps(scheduler_to_diffusers(sampler, "linear", 1000, "v")))
@@ -189,8 +190,9 @@ def test_diffusers_defaults_are_read_as_diffusers_means_them():
     assert sampler_from_diffusers(defaults) == SamplerConfig("dpm_solver")
 
 
-NO_SAMPLER = ("cannot be expressed: unet_flax's samplers equal DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, "
-              "EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, UniPCMultistepScheduler")
+NO_SAMPLER = ("cannot be expressed: unet_flax's samplers equal DDIMScheduler, DDPMScheduler, "
+              "DPMSolverMultistepScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, "
+              "HeunDiscreteScheduler, UniPCMultistepScheduler")
 
 
 @pytest.mark.parametrize("scheduler,message", [
@@ -203,8 +205,8 @@ NO_SAMPLER = ("cannot be expressed: unet_flax's samplers equal DDIMScheduler, DD
      "scheduler DPMSolverMultistepScheduler use_lu_lambdas = True cannot be expressed: unet_flax's dpm_solver follows "
      "use_lu_lambdas = False"),
     ((diffusers.EulerDiscreteScheduler, dict(interpolation_type="log_linear")),
-     "scheduler EulerDiscreteScheduler interpolation_type = 'log_linear' cannot be expressed: unet_flax's euler follows "
-     "interpolation_type = 'linear'"),
+     "scheduler EulerDiscreteScheduler interpolation_type = 'log_linear' cannot be expressed: "
+     "unet_flax's euler follows interpolation_type = 'linear'"),
     ((diffusers.UniPCMultistepScheduler, dict(solver_type="bh1")),
      "scheduler UniPCMultistepScheduler solver_type = 'bh1' cannot be expressed: unet_flax's unipc follows solver_type "
      "= 'bh2'"),
@@ -226,7 +228,8 @@ def test_settings_a_sampler_does_not_read_are_refused():
     with pytest.raises(ConfigError, match=r"^use_karras_sigmas = True does not apply to sampler 'ddim': it is read by "
                                           r"dpm_solver, euler, heun, unipc$"):
         SamplerConfig("ddim", use_karras_sigmas=True)
-    with pytest.raises(ConfigError, match=r"^sampling_steps 10 gives dpm_solver \(linspace spacing\) two steps at the same "
+    with pytest.raises(ConfigError,
+                       match=r"^sampling_steps 10 gives dpm_solver \(linspace spacing\) two steps at the same "
                                           r"noise level over the model's 10 timesteps: use fewer steps$"):
         samplers.make_plan(SamplerConfig("dpm_solver"), 10, "linear", 10, "epsilon")
 
@@ -265,7 +268,8 @@ def test_a_pipeline_round_trip_samples_as_diffusers_does(tmp_path):
     assert json.loads(exported.stdout)["scheduler"] == "DPMSolverMultistepScheduler"
     pipeline = DiffusionPipeline.from_pretrained(out)
     assert type(pipeline) is DDPMPipeline
-    assert sampler_from_diffusers(dict(pipeline.scheduler.config)) == dataclasses.replace(expected_sampler, solver_order=3)
+    assert sampler_from_diffusers(dict(pipeline.scheduler.config)) == dataclasses.replace(expected_sampler,
+                                                                                          solver_order=3)
     images = pipeline(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=6,
                       output_type="np").images
 

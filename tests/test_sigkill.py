@@ -10,9 +10,18 @@ import time
 
 import psutil  # orbax-checkpoint's dependency
 import pytest
+from commands import (
+    ROOT,
+    TINY,
+    assert_bit_identical,
+    command_line,
+    free_port,
+    params_at,
+    run_train,
+    start_processes,
+    summary,
+)
 
-from commands import (ROOT, TINY, assert_bit_identical, command_line, free_port, params_at, run_train, start_processes,
-                      summary)
 from unet_flax import supervisor
 from unet_flax.checkpoint import complete_steps
 
@@ -36,7 +45,8 @@ def test_sigkill_at_three_moments_resumes_bit_identically(tmp_path):
             writing = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
             if (not kills and writing) or (kills and complete_steps(checkpoints) != before):
                 proc.send_signal(signal.SIGKILL)
-                kills.append("during a checkpoint write" if writing else f"after step {complete_steps(checkpoints)[-1]}")
+                last = complete_steps(checkpoints)[-1]
+                kills.append("during a checkpoint write" if writing else f"after step {last}")
                 break
             time.sleep(0.02)
         _, err = proc.communicate()

@@ -6,7 +6,6 @@ import dataclasses
 import sys
 
 import pytest
-
 from commands import ROOT
 
 pytest.importorskip("libtpu", reason="needs libtpu: pip install 'jax[tpu]'")

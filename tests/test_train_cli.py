@@ -11,10 +11,21 @@ import sys
 import jax
 import numpy as np
 import pytest
-
-from commands import (ROOT, TINY, assert_bit_identical, import_command, params_at, run_main, run_process,
-                      run_sample, run_train, snapshot, summary)
+from commands import (
+    ROOT,
+    TINY,
+    assert_bit_identical,
+    import_command,
+    params_at,
+    run_main,
+    run_process,
+    run_sample,
+    run_train,
+    snapshot,
+    summary,
+)
 from parity import rel_error, without_key_biases
+
 from unet_flax import train_loop
 from unet_flax.config import PRESETS, SamplerConfig, SamplingConfig
 from unet_flax.errors import ConfigError
@@ -245,7 +256,8 @@ def test_export_to_pytorch_and_back(uninterrupted, tmp_path):
         denoise = guided_denoiser(UNet(config.model), params, labels, 2.0)
         plan = samplers.make_plan(SamplerConfig("ddim"), 20, config.noise_schedule, config.timesteps, config.prediction)
         flax_samples = samplers.run(denoise, plan, x)
-        torch_samples = reference.ddim_sample(torch_model, reference.alphas_cumprod(config.noise_schedule, config.timesteps),
+        torch_samples = reference.ddim_sample(torch_model, reference.alphas_cumprod(config.noise_schedule,
+                                                                                    config.timesteps),
                                               torch.from_numpy(x.transpose(0, 3, 1, 2)), 20,
                                               torch.from_numpy(labels), guidance_scale=2.0)
         assert rel_error(flax_samples, torch_samples.numpy().transpose(0, 2, 3, 1)) <= 1e-4

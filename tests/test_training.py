@@ -9,7 +9,9 @@ import numpy as np
 import optax
 import pytest
 import torch
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from parity import rel_error, without_key_biases
 
 from unet_flax import UNet, UNetConfig, diffusion
 from unet_flax import reference as ref
@@ -17,10 +19,16 @@ from unet_flax.config import SamplerConfig, TrainConfig
 from unet_flax.model import compute_dtype_params, init_params, param_shapes
 from unet_flax.parallel import Parallel, data_mesh, fsdp_spec, jit_driver, local_value
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
-from unet_flax.train_step import (NOT_READ_BY_THE_STEP, _make_train_step, clip_by_global_norm, create_train_state,
-                                  learning_rate, make_optimizer, make_train_step, partial_sums_norm)
-
-from parity import rel_error, without_key_biases
+from unet_flax.train_step import (
+    NOT_READ_BY_THE_STEP,
+    _make_train_step,
+    clip_by_global_norm,
+    create_train_state,
+    learning_rate,
+    make_optimizer,
+    make_train_step,
+    partial_sums_norm,
+)
 
 TINY = UNetConfig(in_channels=1, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                   attention_resolutions=(4,), image_size=8, num_heads=2, num_groups=4)
@@ -117,7 +125,8 @@ UNREAD_CHANGED = {"workdir": "elsewhere", "data": "images.npz", "class_condition
                   "data_workers": 3, "skip_bad_images": True, "batch_size": 16, "skip_nonfinite": True,
                   "sample_every": 7, "num_samples": 5, "sampling_steps": 9, "guidance_scale": 1.0,
                   "sampler": SamplerConfig("unipc", solver_order=3),
-                  "parallel": "fsdp", "mesh": "data=2,fsdp=2", "seed": 11, "save_every": 13, "keep_checkpoints": 1, "log_every": 3,
+                  "parallel": "fsdp", "mesh": "data=2,fsdp=2", "seed": 11, "save_every": 13, "keep_checkpoints": 1,
+                  "log_every": 3,
                   "resume": False, "distributed": True, "coordinator_address": "localhost:1", "num_processes": 2,
                   "process_id": 1, "weight_copy": "on", "steps": 50}
 
@@ -214,7 +223,8 @@ def test_a_bfloat16_step_reads_its_compute_copy_and_computes_what_the_cast_param
     for weight_copy, model in (("auto", config.model), ("off", config.model), ("on", CONFIG.model)):
         state = jax.eval_shape(lambda: create_train_state(
             dataclasses.replace(config, model=model, weight_copy=weight_copy), jax.random.PRNGKey(0)))
-        keeps = weight_copy == "on" and model is config.model or weight_copy == "auto" and jax.default_backend() == "gpu"
+        keeps = (weight_copy == "on" and model is config.model
+                 or weight_copy == "auto" and jax.default_backend() == "gpu")
         assert (state.compute_params is not None) == keeps, (weight_copy, model.dtype)
     kinds = {path[-2:]: leaf.dtype for path, leaf in flax.traverse_util.flatten_dict(with_copy.compute_params).items()}
     assert kinds[("conv1", "kernel")] == kinds[("to_qkv", "bias")] == kinds[("label_embedding", "embedding")] == \
@@ -338,7 +348,8 @@ def test_fifty_adam_steps_match_pytorch():
     assert rel_error(jax.jit(model.apply)({"params": params}, x, t, y), torch_out.numpy().transpose(0, 2, 3, 1)) <= 1e-4
 
 
-@pytest.mark.parametrize("sampler", [SamplerConfig("ddim"), SamplerConfig("dpm_solver", algorithm_type="sde-dpmsolver++")],
+@pytest.mark.parametrize("sampler", [SamplerConfig("ddim"), SamplerConfig("dpm_solver",
+                                                                          algorithm_type="sde-dpmsolver++")],
                          ids=["ddim", "sde-dpm-solver"])
 def test_sampling_spread_over_devices_gives_the_same_images(sampler, monkeypatch):
     from unet_flax import sampling

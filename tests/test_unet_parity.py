@@ -9,11 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
 from unet_flax import UNet, UNetConfig
 from unet_flax import reference as ref
-
-from parity import flax_params, randomize_, rel_error, to_nchw, to_nhwc, torch_grads_as_flax
 
 # The parity suite also runs with JAX on the GPU (`pytest --gpu`), against the same CPU reference.
 pytestmark = pytest.mark.gpu
@@ -148,7 +147,8 @@ def test_variants_change_the_output():
         variant = UNet(dataclasses.replace(config, **{name: value}))
         variant_params = jax.eval_shape(variant.init, jax.random.key(0), x, t, y)["params"]
         same_shapes = jax.tree_util.tree_structure(variant_params) == jax.tree_util.tree_structure(params) and all(
-            a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(variant_params), jax.tree_util.tree_leaves(params)))
+            a.shape == b.shape for a, b in zip(jax.tree_util.tree_leaves(variant_params),
+                                               jax.tree_util.tree_leaves(params)))
         if same_shapes:
             assert rel_error(jax.jit(variant.apply)({"params": params}, x, t, y), reference) > 1e-3, name
         else:
@@ -172,7 +172,8 @@ def test_forward_mode_against_the_reference_in_float64(dtype, tolerance, record_
     _, config, torch_model, _, params, torch_args, flax_args = build_case("class+context")
     x, t, y, context = torch_args
     generator = torch.Generator().manual_seed(5)
-    x_tangent, context_tangent = torch.randn(x.shape, generator=generator), torch.randn(context.shape, generator=generator)
+    x_tangent, context_tangent = torch.randn(x.shape, generator=generator), torch.randn(context.shape,
+                                                                                        generator=generator)
     model64 = copy.deepcopy(torch_model).double()
     # The sinusoidal embedding of the (integer) timesteps is float32 on both sides; the rest is float64.
     model64.time_embed.mlp.register_forward_pre_hook(lambda module, args: tuple(a.double() for a in args))

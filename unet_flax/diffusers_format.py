@@ -35,7 +35,7 @@ from .config import SamplerConfig, UNetConfig
 from .config.unet_config import GROUP_NORM_EPSILON
 from .diffusers_scheduler import SAMPLER_OF, sampler_from_diffusers, schedule_from_diffusers
 from .errors import ConfigError, ConversionError
-from .weights import Params, float32_array, flatten, load_torch_state_dict, read_json, unwrap
+from .weights import Params, flatten, float32_array, load_torch_state_dict, read_json, unwrap
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "diffusion_pytorch_model.safetensors"
@@ -62,7 +62,8 @@ UNET2D_DEFAULTS: dict[str, Any] = {
     "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
     "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
     "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
-    "norm_eps": GROUP_NORM_EPSILON, "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
+    "norm_eps": GROUP_NORM_EPSILON, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None,
     "num_class_embeds": None, "num_train_timesteps": None,
 }
 # Settings that must have one value, because the U-Net has no other.

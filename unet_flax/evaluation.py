@@ -144,3 +144,11 @@ def sample_quality(images: np.ndarray, labels: np.ndarray | None) -> dict[str, f
     return {"fd": round(fd, 4), "fd_real_floor": round(floor, 4), "fd_ratio": round(fd / floor, 3),
             "class_agreement": None if labels is None else float(np.mean(sample_predictions == labels)),
             "classifier_held_out_accuracy": float(np.mean(held_out_predictions == held_out.labels))}
+
+
+if __name__ == "__main__":  # the command of earlier releases; see unet_flax.moved
+    import sys
+
+    from unet_flax.moved import run_moved_command
+
+    sys.exit(run_moved_command("unet_flax.evaluation"))

@@ -501,3 +501,11 @@ def batches_from(dataset: grain.MapDataset, start: int, workers: int) -> Iterato
             iterable, grain.experimental.DatasetOptions(min_shm_size=2**62))
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
     return iter(iterable)
+
+
+if __name__ == "__main__":  # the command of earlier releases; see unet_flax.moved
+    import sys
+
+    from unet_flax.moved import run_moved_command
+
+    sys.exit(run_moved_command("unet_flax.input_pipeline"))

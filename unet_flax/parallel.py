@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.experimental.layout import Format, Layout
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .config.train_config import mesh_sizes
 from .errors import ConfigError

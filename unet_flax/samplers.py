@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config.sampler_config import SamplerConfig
-from .errors import ConfigError
 from .diffusion import Denoiser, beta_schedule, check_sampling_steps, sampling_timesteps
+from .errors import ConfigError
 
 # The predictions a step can combine: DPM-Solver++ and UniPC of order 3 read the last three, UniPC's
 # corrector the new one too.
@@ -389,7 +389,8 @@ def _unipc_coefficients(order: int, h: float, rks: list[float], corrector: bool)
     if corrector:
         rhos = np.array([0.5]) if order == 1 else np.linalg.solve(r_matrix, b)
     else:
-        rhos = np.array([0.5]) if order == 2 else np.linalg.solve(r_matrix[:-1, :-1], b[:-1]) if order > 2 else np.zeros(0)
+        rhos = np.array([0.5]) if order == 2 else np.linalg.solve(r_matrix[:-1, :-1],
+                                                                  b[:-1]) if order > 2 else np.zeros(0)
     return h_phi_1, b_h, rhos
 
 

@@ -17,17 +17,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from . import diffusion, samplers
 from .checkpoint import load_params
-from .model import UNet, compute_dtype_params
 from .config import SamplerConfig, SamplingConfig, TrainConfig, UNetConfig
 from .config.sampler_config import READ_BY
 from .config.unet_config import compute_dtype
 from .errors import ConfigError
+from .model import UNet, compute_dtype_params
 from .parallel import DATA_AXIS, data_mesh
+
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
@@ -41,7 +43,8 @@ class Samples:
 def for_this_backend(model: UNetConfig) -> UNetConfig:
     """A saved model config set to sample here, whatever it was trained with: float32 on the CPU (no
     fast bf16 there), the attention this backend runs best, no remat. Weights do not depend on these."""
-    return dataclasses.replace(model, dtype=compute_dtype(jax.default_backend(), model.dtype), attention_impl="auto", remat=False)
+    return dataclasses.replace(model, dtype=compute_dtype(jax.default_backend(), model.dtype), attention_impl="auto",
+                               remat=False)
 
 
 def sample_from_checkpoint(workdir: str | Path, sampling: SamplingConfig, progress: bool = False) -> Samples:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConversionError
-from .weights import Params, float32_array, flatten, unflatten, unwrap
+from .weights import Params, flatten, float32_array, unflatten, unwrap
 
 # nn.Embedding weights are (num_embeddings, dim) on both sides: the one 2-D weight not transposed.
 EMBEDDING_MODULES = frozenset({"label_embedding"})
@@ -130,5 +130,5 @@ def _check_against(flat: Mapping[tuple[str, ...], np.ndarray], expected: Mapping
                          f"{_torch_shape(path, tuple(expected[path].shape))}")
     for path in sorted(flat):
         if flat[path].shape != tuple(expected[path].shape):
-            raise ConversionError(f"key {flax_path_to_torch_key(path)!r} has shape {_torch_shape(path, flat[path].shape)}, "
-                             f"the model expects {_torch_shape(path, tuple(expected[path].shape))}")
+            given, wanted = _torch_shape(path, flat[path].shape), _torch_shape(path, tuple(expected[path].shape))
+            raise ConversionError(f"key {flax_path_to_torch_key(path)!r} has shape {given}, the model expects {wanted}")

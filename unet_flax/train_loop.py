@@ -205,7 +205,8 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: Par
     if not config.resume:
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
                             f"--no-resume was given: use another --workdir (nothing was changed)")
-    step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config, parallel.sharding_of))
+    step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config,
+                                                                                           parallel.sharding_of))
     state = from_saved_form(saved["train_state"], config)
     if step == 0:  # imported weights, no step taken: this run's seed and data, from their start
         return step, {"train_state": state, "rng": step_rng}, None
@@ -350,5 +351,6 @@ def check_finite(config: TrainConfig, metrics: MetricsAccumulator, checkpoints: 
         last_good = checkpoints.latest_step()
         raise TrainingError(
             f"non-finite loss or gradient at step {first_bad}; stopped without saving, "
-            + ("no checkpoint was written yet" if last_good is None else f"the last good checkpoint is step {last_good}")
+            + ("no checkpoint was written yet" if last_good is None
+               else f"the last good checkpoint is step {last_good}")
             + " (--skip-nonfinite skips such steps instead)")

@@ -8,7 +8,8 @@ does not depend on how many devices share the batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax

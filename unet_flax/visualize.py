@@ -85,7 +85,8 @@ def save_bar_chart(groups: list[tuple[str, list[tuple[str, float]]]], path: str 
         for i, (label, value) in enumerate(bars):
             length = int(bar_width * value / top)
             draw.text((margin + 8, y + 4), label, fill="black")
-            draw.rectangle([label_width, y + 2, label_width + max(length, 1), y + row - 4], fill=PALETTE[i % len(PALETTE)])
+            draw.rectangle([label_width, y + 2, label_width + max(length, 1), y + row - 4],
+                           fill=PALETTE[i % len(PALETTE)])
             draw.text((label_width + length + 6, y + 4), f"{value:.1f} {unit}", fill="black")
             y += row
         y += margin

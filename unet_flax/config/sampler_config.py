@@ -75,7 +75,7 @@ class SamplerConfig:
                               "'sigma_min'")
 
     @classmethod
-    def from_dict(cls, fields: dict) -> "SamplerConfig":
+    def from_dict(cls, fields: dict) -> SamplerConfig:
         unknown = sorted(set(fields) - {field.name for field in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown SamplerConfig fields: {', '.join(unknown)}")

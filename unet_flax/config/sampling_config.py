@@ -41,7 +41,7 @@ class SamplingConfig:
         check_range("step", self.step, 0, integer=True, optional=True)
 
     @classmethod
-    def during_training(cls, config: TrainConfig) -> "SamplingConfig":
+    def during_training(cls, config: TrainConfig) -> SamplingConfig:
         """train.py's grids: the config's samples, steps, sampler and guidance, in one batch, from seed + 1."""
         return cls(num_samples=config.num_samples, sampler=config.sampler, sampling_steps=config.sampling_steps,
                    guidance_scale=config.guidance_scale, seed=config.seed + 1, batch_size=config.num_samples)

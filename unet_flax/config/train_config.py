@@ -114,7 +114,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, fields: dict[str, Any]) -> TrainConfig:
         fields = dict(fields)
         sampler = SamplerConfig.from_dict(fields.pop("sampler", {}))  # configs saved before it: DDIM
         return cls(model=UNetConfig.from_dict(fields.pop("model")), sampler=sampler, **fields)

@@ -160,7 +160,7 @@ class UNetConfig:
     def level_has_attention(self, level: int) -> bool:
         return self.image_size // 2**level in self.attention_resolutions
 
-    def block_plan(self) -> tuple[list[list["BlockSpec"]], list[list["BlockSpec"]]]:
+    def block_plan(self) -> tuple[list[list[BlockSpec]], list[list[BlockSpec]]]:
         """The residual(+attention) blocks of the encoder per level, and of the decoder per level
         from the deepest up. Decoder blocks take the encoder's skip activations concatenated on
         channels, the last one first; both frameworks build their networks from this one plan."""
@@ -198,7 +198,7 @@ class UNetConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any]) -> "UNetConfig":
+    def from_dict(cls, fields: dict[str, Any]) -> UNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - known)
         if unknown:

@@ -25,9 +25,9 @@ from unet_flax.cli import add_debug_flag, add_sampler_flags, given_fields, run_c
 from unet_flax.config import PRESETS, SamplerConfig, TrainConfig, UNetConfig
 from unet_flax.diffusers_format import from_diffusers, pipeline_to_diffusers, scheduler_of, to_diffusers
 from unet_flax.diffusers_scheduler import scheduler_to_diffusers
-from unet_flax.samplers import make_plan
 from unet_flax.errors import ConfigError, ConversionError, UsageError
 from unet_flax.model import param_shapes
+from unet_flax.samplers import make_plan
 from unet_flax.torch_format import flax_to_torch, torch_to_flax
 from unet_flax.weights import load_torch_state_dict, read_json
 
@@ -79,7 +79,8 @@ def import_diffusers(model_dir: str, workdir: str, variant: str | None = None) -
                                  hflip=False, sampling_steps=sampling_steps, sampler=sampler, **guidance, **schedule)
     make_plan(sampler, sampling_steps, config.noise_schedule, config.timesteps, config.prediction)
     refuse_used_workdir(workdir)
-    return {**write_initial_checkpoint(config, params), "model": str(model_dir), "noise_schedule": config.noise_schedule,
+    return {**write_initial_checkpoint(config, params), "model": str(model_dir),
+            "noise_schedule": config.noise_schedule,
             "timesteps": config.timesteps, "prediction": config.prediction, "sampler": dataclasses.asdict(sampler)}
 
 
@@ -94,7 +95,8 @@ def export_diffusers(workdir: str, out: str, step: int | None = None, ema: bool 
         return {"step": step, "ema": ema, "out": str(out)}
     scheduler = scheduler_to_diffusers(pipeline, config.noise_schedule, config.timesteps, config.prediction)
     pipeline_to_diffusers(config.model, params, scheduler, out)
-    return {"step": step, "ema": ema, "out": str(out), "pipeline": "DDPMPipeline", "scheduler": scheduler["_class_name"]}
+    return {"step": step, "ema": ema, "out": str(out), "pipeline": "DDPMPipeline",
+            "scheduler": scheduler["_class_name"]}
 
 
 def main(argv: list[str] | None = None) -> int:

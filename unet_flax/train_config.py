@@ -1,0 +1,4 @@
+"""Deprecated: moved to `unet_flax.config`. Removed in unet_flax 0.3.0."""
+from unet_flax.moved import forward
+
+__getattr__, __dir__ = forward("unet_flax.train_config")
