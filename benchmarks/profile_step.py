@@ -147,8 +147,8 @@ def profile_jax_gpu(config, steps: int = TRACED_STEPS) -> str:
              "", f"Step {wall * 1e3:.2f} ms wall (median of 20); kernels summed over {steps} traced steps, per step: "
              f"{sum(kind_ns.values()) / per_step_ms:.2f} ms busy, {sum(kind_count.values()) / steps:.0f} kernels. "
              f"jax {jax.__version__}.", "", "| kind | kernels per step | ms per step |", "|---|---|---|"]
-    lines += [f"| {kind} | {kind_count[kind] / steps:.0f} | {ns / per_step_ms:.3f} |" for kind,
-              ns in kind_ns.most_common()]
+    lines += [f"| {kind} | {kind_count[kind] / steps:.0f} | {ns / per_step_ms:.3f} |"
+              for kind, ns in kind_ns.most_common()]
     lines += ["", "| the 20 longest kernels | kind | calls per step | ms per step |", "|---|---|---|---|"]
     lines += [f"| `{name[:90]}` | {gpu_kernel_kind(name)} | {count[name] / steps:.0f} | {ns / per_step_ms:.3f} |"
               for name, ns in time_ns.most_common(20)]

@@ -1,4 +1,5 @@
 """Data sources and the grain pipeline: formats, errors naming the file, order, resume, sharding."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,21 @@ def test_workers_serve_the_same_batches_and_resume_by_index(tmp_path):
             np.testing.assert_array_equal(got["label"], want["label"])
     finally:
         in_workers.close()
+
+
+def test_closing_the_default_workers_does_not_wait_for_them(tmp_path):
+    """Workers that hold batches nobody will read (larger than a pipe's buffer) are stopped at once: closing
+    once waited grain's 25 s kill timeout for each, at random, at the end of every run. Three rounds,
+    each stopping workers that filled their buffers."""
+    data = ip.load(str(_colour_folder(tmp_path, count=16, size=(64, 64))), 64)
+    dataset = ip.make_dataset(data, 16, seed=0)
+    for _ in range(3):
+        batches = ip.batches_from(dataset, 0, workers=ip.default_workers(data))
+        next(batches)
+        time.sleep(0.5)  # the workers fill their buffers
+        start = time.perf_counter()
+        batches.close()
+        assert time.perf_counter() - start < 10
 
 
 def test_packed_records_hold_what_the_folder_holds(tmp_path):

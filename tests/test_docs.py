@@ -124,3 +124,9 @@ def test_the_parse_finds_commands_and_their_flags(line, expected):
     aliases = entry_points()
     script, entry_point, rest = COMMAND.findall(command_lines(f"```bash\n{line}\n```\n")[0])[0]
     assert (aliases[entry_point] if entry_point else script, set(FLAG.findall(rest))) == expected
+
+
+def test_ci_runs_the_readme_s_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert f"```bash\n{ci_command}\n```" in readme

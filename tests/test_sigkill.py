@@ -45,8 +45,8 @@ def test_sigkill_at_three_moments_resumes_bit_identically(tmp_path):
             writing = checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())
             if (not kills and writing) or (kills and complete_steps(checkpoints) != before):
                 proc.send_signal(signal.SIGKILL)
-                last = complete_steps(checkpoints)[-1]
-                kills.append("during a checkpoint write" if writing else f"after step {last}")
+                kills.append("during a checkpoint write" if writing
+                             else f"after step {complete_steps(checkpoints)[-1]}")
                 break
             time.sleep(0.02)
         _, err = proc.communicate()

@@ -15,17 +15,21 @@ devices scale them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import gc
 import importlib.util
 import json
 import multiprocessing
 import os
 import pickle
 import time
+import weakref
 from collections.abc import Iterator
+from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import grain
 import numpy as np
@@ -282,8 +286,7 @@ class _CifarUnpickler(pickle.Unpickler):
 def _image_folder(folder: Path, image_size: int, skip_bad: bool) -> ImageFolder:
     """Lists the images (labels from sub-folder names; hidden files and folders left out) and reads
     each one's header for the channel count: colour if any is."""
-    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts) and p.is_file())
+    files = _image_files(folder)
     if not files:
         raise DataError(f"data folder {folder} holds no images (files Pillow reads: .png, .jpg, .webp, .bmp, .tif "
                         f"and {len(IMAGE_SUFFIXES) - 5} more suffixes; hidden files and folders are skipped)")
@@ -294,10 +297,12 @@ def _image_folder(folder: Path, image_size: int, skip_bad: bool) -> ImageFolder:
         names = class_names
         index = {name: i for i, name in enumerate(names)}
         labels = np.asarray([index[p] for p in parents], np.int32)
-    # Headers only, on a few threads (the files may sit on a network file system). An unreadable one
-    # is left to fail (or be skipped) when training reads it.
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        modes = set(pool.map(_header_mode, files, chunksize=64)) - {None}
+    # Headers only, on a few threads (the files may sit on a network file system), each thread a slice
+    # of the files: one task per file costs more than reading its header. An unreadable file is left
+    # to fail (or be skipped) when training reads it.
+    with concurrent.futures.ThreadPoolExecutor(HEADER_THREADS) as pool:
+        modes = set().union(*pool.map(_header_modes, [files[i::HEADER_THREADS] for i in range(HEADER_THREADS)]))
+    modes.discard(None)
     if not modes:
         with _opened(files[0]):  # none readable: say why, naming the first
             pass
@@ -305,15 +310,36 @@ def _image_folder(folder: Path, image_size: int, skip_bad: bool) -> ImageFolder:
                        "L" if modes <= GREY_MODES else "RGB", skip_bad)
 
 
+HEADER_THREADS = 8
+
+
+def _image_files(folder: Path) -> list[str]:
+    """The image files under `folder`, sorted, following links; hidden files and folders left out. One
+    directory listing per folder and no stat per file (the entries' types come with the listing)."""
+    found, folders = [], [str(folder)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    folders.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    found.append(entry.path)
+    return sorted(found)
+
+
+def _header_modes(paths: list[str]) -> set[str | None]:
+    return {_header_mode(path) for path in paths}
+
+
 def _header_mode(path: str) -> str | None:
     """The image's mode from its header (no pixels decoded), None where it cannot be read. PNG and
-    JPEG headers are read directly (a few bytes; Image.open costs 0.3 ms a file, 6.5 s for 20,000)."""
+    JPEG headers are read directly, a few bytes each (Image.open costs 0.3 ms a file, 6.5 s for 20,000)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-            if head[:2] == b"\xff\xd8":  # JPEG: the frame header may follow EXIF data
-                head += f.read(64 * 1024)
-        mode = _png_mode(head) or _jpeg_mode(head)
+        with open(path, "rb", buffering=0) as f:
+            head = f.read(HEAD_BYTES)
+            mode = _png_mode(head) or (_jpeg_mode(head, f) if head[:2] == b"\xff\xd8" else None)
         if mode is not None:
             return mode
         with Image.open(path) as image:
@@ -332,21 +358,30 @@ def _png_mode(head: bytes) -> str | None:
     return PNG_MODES.get(head[25])
 
 
-def _jpeg_mode(head: bytes) -> str | None:
-    """From the frame header (SOFn): 1 component is grey, 3 or 4 colour."""
-    if head[:2] != b"\xff\xd8":
-        return None
+HEAD_BYTES = 1024  # a PNG's IHDR; a JPEG's frame header unless EXIF data or a colour profile precede it
+JPEG_MAX_SEGMENTS = 64  # a frame header further in is left to Pillow
+
+
+def _jpeg_mode(head: bytes, f: BinaryIO) -> str | None:
+    """From the frame header (SOFn) of the JPEG open in `f`, which starts with `head`: 1 component is
+    grey, 3 or 4 colour. The segments before it (EXIF with its thumbnail, colour profiles: often tens of
+    KB) are skipped by their lengths, not read."""
     position = 2
-    while position + 10 <= len(head):
-        if head[position] != 0xFF:
+    for _ in range(JPEG_MAX_SEGMENTS):
+        if position + 10 <= len(head):
+            segment = head[position:position + 10]
+        else:
+            f.seek(position)
+            segment = f.read(10)
+        if len(segment) < 4 or segment[0] != 0xFF:
             return None
-        marker = head[position + 1]
+        marker = segment[1]
         if marker == 0xFF:  # fill byte
             position += 1
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            return {1: "L", 3: "RGB", 4: "CMYK"}.get(head[position + 9])
-        position += 2 + int.from_bytes(head[position + 2:position + 4], "big")
+            return {1: "L", 3: "RGB", 4: "CMYK"}.get(segment[9]) if len(segment) == 10 else None
+        position += 2 + int.from_bytes(segment[2:4], "big")
     return None
 
 
@@ -475,7 +510,7 @@ def make_dataset(data: Source, global_batch: int, seed: int, hflip: bool = False
 
 
 def _count_bad_images(batch: Example) -> Example:
-    # One count per batch. Also keeps grain's batching from writing into shared memory (see batches_from).
+    # One count per batch.
     return {**batch, "bad_images": np.int32(batch["bad_images"].sum())}
 
 
@@ -495,12 +530,30 @@ def batches_from(dataset: grain.MapDataset, start: int, workers: int) -> Iterato
         from absl import flags
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, which only absl apps parse
             flags.FLAGS.mark_as_parsed()
-        # Batches come back pickled, not in shared memory: what is in flight when the run ends would
-        # otherwise stay behind for Python's resource tracker to unlink, with a warning, at exit.
-        iterable = grain.experimental.WithOptionsIterDataset(
-            iterable, grain.experimental.DatasetOptions(min_shm_size=2**62))
+        # Batches come back in shared memory (grain's default), not pickled through the workers' pipes:
+        # a worker whose pipe holds a pickled batch nobody reads cannot exit, and closing waited 25 s
+        # for each such worker (grain's kill timeout) before killing it.
         iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-    return iter(iterable)
+    batches = iter(iterable)
+    if workers > 0:
+        _WITH_WORKERS.add(batches)
+    return batches
+
+
+# Iterators with worker processes: a process that must end at once (a failed multi-process job) closes
+# them first (close_worker_iterators).
+_WITH_WORKERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_worker_iterators() -> None:
+    """Stop the data workers and unlink the shared memory of the batches they sent, as a normal exit
+    would: for a process that ends without one (os._exit), whose batches are never garbage collected.
+    Else Python's resource tracker unlinks them later, with a warning after the process's last line."""
+    for batches in list(_WITH_WORKERS):
+        batches.close()
+    for held in [obj for obj in gc.get_objects() if isinstance(obj, shared_memory.SharedMemory)]:
+        with contextlib.suppress(FileNotFoundError):
+            held.unlink()
 
 
 if __name__ == "__main__":  # the command of earlier releases; see unet_flax.moved

@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 from jax.experimental import multihost_utils
 
+from . import input_pipeline
 from .errors import ConfigError
 
 INITIALIZATION_TIMEOUT_S = 300  # jax.distributed.initialize's default
@@ -344,6 +345,7 @@ def end_failed_job(code: int) -> None:
     shut-down, which would wait for the failed peers, but with the data workers stopped first (os._exit alone
     left them running, orphaned, each holding memory and this process's stderr) and the job's coordination
     service left (_leave_failed_job)."""
+    input_pipeline.close_worker_iterators()
     stop_data_workers()
     _leave_failed_job(timeout_s=15.0)
     sys.stdout.flush()
