@@ -73,13 +73,14 @@ def pytest_configure(config):
         use_xla_cpu_convolutions()
 
 
-# The test files by how long they take (20 s to 2.6 min each on 2 cores with AVX-512, `--durations`),
+# The test files by how long they take (8 s to 3 min each on 2 cores with AVX-512, `--durations`),
 # longest first: pytest-xdist hands out files in this order (its own reordering, by the number of tests in
 # a file, is turned off in pytest_configure), and the workers then finish at about the same time instead of
 # one running the last long file alone.
-LONGEST_FIRST = ("test_sigkill.py", "test_multiprocess.py", "test_fsdp.py", "test_training.py", "test_diffusers.py",
-                 "test_train_cli.py", "test_reliability.py", "test_unet_parity.py", "test_bench.py",
-                 "test_bad_inputs.py", "test_evaluation.py", "test_blocks_parity.py", "test_nnx.py")
+LONGEST_FIRST = ("test_sigkill.py", "test_multiprocess.py", "test_training.py", "test_fsdp.py", "test_train_cli.py",
+                 "test_diffusers.py", "test_unet_parity.py", "test_reliability.py", "test_blocks_parity.py",
+                 "test_bench.py", "test_data.py", "test_nnx.py", "test_samplers.py", "test_bad_inputs.py",
+                 "test_evaluation.py", "test_docs.py", "test_convert.py", "test_public_api.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -126,9 +127,11 @@ def pytest_sessionfinish(session):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    # `-n auto`: one worker per core, at most 4: each holds PyTorch, JAX and the train.py processes
-    # its tests start (about 2 GB together).
-    return max(1, min(4, os.cpu_count() or 1))
+    # `-n auto`: one worker more than the cores, at most 4 (each holds PyTorch, JAX and the train.py
+    # processes its tests start, about 2 GB together): the multi-process and signal tests spend much of
+    # their time waiting on other processes (heartbeats, a coordination service's timeouts), when one
+    # worker per core leaves a core idle.
+    return max(1, min(4, (os.cpu_count() or 1) + 1))
 
 
 @pytest.hookimpl(optionalhook=True)
