@@ -127,11 +127,10 @@ def pytest_sessionfinish(session):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    # `-n auto`: one worker more than the cores, at most 4 (each holds PyTorch, JAX and the train.py
-    # processes its tests start, about 2 GB together): the multi-process and signal tests spend much of
-    # their time waiting on other processes (heartbeats, a coordination service's timeouts), when one
-    # worker per core leaves a core idle.
-    return max(1, min(4, (os.cpu_count() or 1) + 1))
+    # `-n auto`: one worker per core, at most 4: each holds PyTorch, JAX and the train.py processes
+    # its tests start (about 2 GB together). One worker more than the cores was slower (679 s against
+    # 634 s on 2 cores): the time the multi-process tests wait is less than what the workers lose sharing.
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 @pytest.hookimpl(optionalhook=True)
