@@ -46,8 +46,8 @@ def _flag(name: str) -> str:
 
 def _parser_for(annotation: Any):
     """An argparse `type` for a field's annotation: int, float, str, tuples of ints, optionals."""
-    optional = typing.get_origin(annotation) in (typing.Union,
-                                                 types.UnionType) and type(None) in typing.get_args(annotation)
+    optional = (typing.get_origin(annotation) in (typing.Union, types.UnionType)
+                and type(None) in typing.get_args(annotation))
     inner = next(a for a in typing.get_args(annotation) if a is not type(None)) if optional else annotation
     if typing.get_origin(inner) is tuple:
         base = lambda text: tuple(int(v) for v in text.split(",") if v.strip())  # noqa: E731

@@ -153,8 +153,8 @@ def _fused_jvp(num_groups, epsilon, dtype, activation, dropout, recompute_slope,
     one_plus_s = 1.0 if scale_shift is None else 1 + scale_shift[0].astype(jnp.float32)
     a = jnp.broadcast_to(one_plus_s * scale * inverse_std, per_sample)
     dx = dx.astype(jnp.float32)
-    means = _group_mean(dx * jax.lax.complex(jnp.ones_like(normalized), normalized),
-                        num_groups)  # mean(dx) + i mean(n dx)
+    # mean(dx) + i mean(n dx)
+    means = _group_mean(dx * jax.lax.complex(jnp.ones_like(normalized), normalized), num_groups)
     q_from_tangents, p_from_tangents = one_plus_s * dbias, one_plus_s * dscale
     if scale_shift is not None:
         dtime_scale, dtime_shift = (tangent.astype(jnp.float32) for tangent in dscale_shift)

@@ -389,8 +389,8 @@ def _unipc_coefficients(order: int, h: float, rks: list[float], corrector: bool)
     if corrector:
         rhos = np.array([0.5]) if order == 1 else np.linalg.solve(r_matrix, b)
     else:
-        rhos = np.array([0.5]) if order == 2 else np.linalg.solve(r_matrix[:-1, :-1],
-                                                                  b[:-1]) if order > 2 else np.zeros(0)
+        rhos = (np.array([0.5]) if order == 2
+                else np.linalg.solve(r_matrix[:-1, :-1], b[:-1]) if order > 2 else np.zeros(0))
     return h_phi_1, b_h, rhos
 
 

@@ -205,8 +205,8 @@ def restore_or_init(checkpoints: Checkpoints, config: TrainConfig, parallel: Par
     if not config.resume:
         raise TrainingError(f"{config.workdir} holds checkpoints up to step {checkpoints.latest_step()} and "
                             f"--no-resume was given: use another --workdir (nothing was changed)")
-    step, saved, data_state = restore_newest_good(checkpoints, config, abstract_checkpoint(config,
-                                                                                           parallel.sharding_of))
+    abstract = abstract_checkpoint(config, parallel.sharding_of)
+    step, saved, data_state = restore_newest_good(checkpoints, config, abstract)
     state = from_saved_form(saved["train_state"], config)
     if step == 0:  # imported weights, no step taken: this run's seed and data, from their start
         return step, {"train_state": state, "rng": step_rng}, None

@@ -7,5 +7,4 @@ from .train_config import PRESETS, TrainConfig, fit_to_data, resolve_config
 from .unet_config import BlockSpec, UNetConfig
 
 __all__ = ["BlockSpec", "PRESETS", "SAMPLERS", "SamplerConfig", "SamplingConfig", "TrainConfig", "UNetConfig",
-           "fit_to_data",
-           "resolve_config"]
+           "fit_to_data", "resolve_config"]
